@@ -1,0 +1,37 @@
+"""The decoder protocol: given logits for the current block, decide what to commit."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Commit:
+    """One step's decision for the current block ([B, block_length] each)."""
+
+    positions: Tensor  # bool: commit these masked positions now
+    tokens: Tensor  # long: the token for each committed position (ignored elsewhere)
+    confidence: Tensor  # float: the score used to choose (for step records / visualisation)
+
+
+class Decoder(Protocol):
+    name: str
+
+    def start_block(self, masked: Tensor, steps: int) -> None:
+        """A new block begins: masked [B, block_length] bool, `steps` denoising steps to spend on it."""
+        ...
+
+    def step(self, logits: Tensor, masked: Tensor, step_in_block: int, generator: torch.Generator) -> Commit:
+        """logits [B, block_length, V] fp32 for the block's positions (already shifted for Dream)."""
+        ...
+
+
+def top_k_per_row(scores: Tensor, k: Tensor) -> Tensor:
+    """Bool mask of each row's k[b] highest scores (k may differ by row)."""
+    order = scores.argsort(dim=1, descending=True, stable=True)
+    ranks = torch.arange(scores.shape[1], device=scores.device).expand_as(scores) < k[:, None]
+    return torch.zeros_like(ranks).scatter(1, order, ranks)

@@ -1,0 +1,302 @@
+"""The denoising loop: any model x any cache policy x any decoder.
+
+generate(llm, prompts, config, cache=..., decoder=...) -> GenerationResult
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from dllm_cache.cache import make_policy
+from dllm_cache.cache.base import CachePolicy, FeatureCache, StepState, column_range
+from dllm_cache.decoding import Decoder, DreamDecoder, LLaDADecoder
+from dllm_cache.errors import GenerationError
+from dllm_cache.models.loading import DLLM
+from dllm_cache.models.tokenizer import encode_prompt
+from dllm_cache.models.transformer import ForwardStats
+
+Prompt = str | Sequence[int]
+
+
+@dataclass
+class GenerationConfig:
+    gen_length: int = 128
+    steps: int | None = None  # None: gen_length (one token per step)
+    block_length: int | None = None  # None: 32 for LLaDA (or gen_length if smaller), gen_length for Dream
+    temperature: float = 0.0
+    remasking: str = "low_confidence"  # LLaDA decoder: low_confidence | random
+    alg: str = "entropy"  # Dream decoder: origin | maskgit_plus | topk_margin | entropy
+    alg_temp: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    eps: float = 1e-3
+    cfg_scale: float = 0.0
+    seed: int = 0
+    early_stop: bool = True
+    chat: bool = True  # wrap text prompts in the tokenizer's chat template
+    record_steps: bool = False
+
+
+@dataclass
+class GenerationStats:
+    nfe: int  # forward passes (a classifier-free-guidance step counts two)
+    steps: int
+    wall_time_s: float
+    generated_tokens: int  # non-pad, non-EOS answer tokens
+    tokens_per_s: float
+    position_layers: int  # rows x layers actually recomputed
+    recompute_fraction: float  # of what uncached forwards would have computed
+    flops: float  # estimated from the shapes computed
+    peak_memory_bytes: int
+    cache_bytes: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class StepRecord:
+    step: int
+    block: int
+    positions: list[list[int]]  # per row: answer offsets committed at this step
+    tokens: list[list[int]]
+    confidence: list[list[float]]
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[list[int]]  # per prompt: answer ids up to (not including) the first end token
+    texts: list[str]
+    sequences: Tensor  # [B, P+G] the full left-padded sequences
+    prompt_length: int  # P: the answer starts at this column
+    stats: GenerationStats
+    step_records: list[StepRecord] | None = None
+
+    @property
+    def text(self) -> str:
+        return self.texts[0]
+
+
+def default_decoder(llm: DLLM, config: GenerationConfig) -> Decoder:
+    if llm.config.shift_logits:
+        return DreamDecoder(config.alg, config.temperature, config.top_p, config.top_k, config.alg_temp, config.eps)
+    return LLaDADecoder(config.remasking, config.temperature)
+
+
+def _check_config(llm: DLLM, config: GenerationConfig, prompt_len: int) -> tuple[int, int, int]:
+    """-> (steps, block_length, n_blocks), with every error named."""
+    cfg = llm.config
+    if cfg.mask_token_id is None:
+        raise GenerationError(f"{llm.path}: model_type {cfg.arch!r} has no mask token (not a diffusion LM)")
+    G = config.gen_length
+    if G <= 0:
+        raise GenerationError(f"gen_length must be positive, got {G}")
+    if config.block_length is not None:
+        block = config.block_length
+    else:
+        block = G if cfg.shift_logits else min(32, G)
+    if block <= 0 or G % block:
+        raise GenerationError(f"gen_length {G} is not divisible by block_length {block}")
+    n_blocks = G // block
+    steps = G if config.steps is None else config.steps
+    if steps <= 0 or steps % n_blocks:
+        raise GenerationError(f"steps {steps} is not divisible by the number of blocks {n_blocks}")
+    if prompt_len + G > cfg.max_seq_len:
+        raise GenerationError(
+            f"prompt ({prompt_len} tokens) + gen_length ({G}) exceeds the model's maximum sequence length "
+            f"{cfg.max_seq_len}"
+        )
+    if config.temperature < 0:
+        raise GenerationError(f"temperature must be >= 0, got {config.temperature}")
+    if config.cfg_scale < 0:
+        raise GenerationError(f"cfg_scale must be >= 0, got {config.cfg_scale}")
+    return steps, block, n_blocks
+
+
+def encode_prompts(llm: DLLM, prompts: Prompt | Sequence[Prompt], chat: bool) -> list[list[int]]:
+    if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)):
+        prompts = [prompts]  # type: ignore[list-item]
+    if not prompts:
+        raise GenerationError("no prompts given")
+    out = []
+    for p in prompts:
+        ids = encode_prompt(llm.tokenizer, p, chat) if isinstance(p, str) else [int(t) for t in p]
+        if not ids:
+            raise GenerationError("empty prompt")
+        out.append(ids)
+    return out
+
+
+def _peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
+
+
+@torch.no_grad()
+def generate(
+    llm: DLLM,
+    prompts: Prompt | Sequence[Prompt],
+    config: GenerationConfig | None = None,
+    *,
+    cache: str | CachePolicy = "none",
+    decoder: Decoder | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    **overrides: Any,
+) -> GenerationResult:
+    """Generate answers for one prompt or a batch (left-padded); `overrides` set GenerationConfig fields."""
+    config = replace(config or GenerationConfig(), **overrides)
+    model, cfg = llm.model, llm.config
+    device = model.device
+    ids = encode_prompts(llm, prompts, config.chat)
+    P, G = max(len(p) for p in ids), config.gen_length
+    steps, block_len, n_blocks = _check_config(llm, config, P)
+    policy = make_policy(cache) if isinstance(cache, str) else cache
+    decoder = decoder or default_decoder(llm, config)
+    mask_id, B, L = cfg.mask_token_id, len(ids), P + G
+
+    x = torch.full((B, L), cfg.pad_token_id, dtype=torch.long, device=device)
+    attn = torch.zeros((B, L), dtype=torch.bool, device=device)
+    for b, p in enumerate(ids):
+        x[b, P - len(p) : P] = torch.tensor(p, device=device)
+        attn[b, P - len(p) :] = True
+    x[:, P:] = mask_id
+    use_cfg = config.cfg_scale > 0
+    if use_cfg:  # the unconditional rows: the same sequence with the prompt masked
+        attn = torch.cat([attn, attn])
+    layout = model.layout(attn)
+    rows_total = attn.shape[0]
+    feature_cache = (
+        FeatureCache(cfg, rows_total, L, model.dtype, device, store_outputs=policy.per_layer)
+        if policy.uses_cache
+        else None
+    )
+    end_ids = torch.tensor(llm.end_token_ids or [cfg.eos_token_id], device=device)
+    generator = torch.Generator(device=device).manual_seed(config.seed)
+    shift = 1 if cfg.shift_logits else 0
+    fstats = ForwardStats()
+    records: list[StepRecord] | None = [] if config.record_steps else None
+    just_committed = torch.zeros((rows_total, L), dtype=torch.bool, device=device)
+    steps_per_block = steps // n_blocks
+    n = 0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for blk in range(n_blocks):
+        bs, be = P + blk * block_len, P + (blk + 1) * block_len
+        if not (x[:, bs:be] == mask_id).any():
+            continue  # every row finished early
+        decoder.start_block(x[:, bs:be] == mask_id, steps_per_block)
+        logit_rows = column_range(B, bs - shift, be - shift, device)
+        if use_cfg:
+            logit_rows = torch.cat([logit_rows, logit_rows])
+        for s in range(steps_per_block):
+            masked_block = x[:, bs:be] == mask_id
+            if not masked_block.any():
+                break
+            x_in = x
+            if use_cfg:
+                x_uncond = x.clone()
+                x_uncond[:, :P][attn[:B, :P]] = mask_id
+                x_in = torch.cat([x, x_uncond])
+            masked_all = x_in == mask_id
+            state = StepState(n, s, blk, bs, be, P, L, masked_all, just_committed, bool(shift))
+            rows = policy.begin_step(state)
+            logits = model.forward_active(x_in, layout, feature_cache, policy, rows, logit_rows, fstats)
+            if use_cfg:
+                cond, uncond = logits[:B], logits[B:]
+                logits = uncond + (config.cfg_scale + 1) * (cond - uncond)
+            commit = decoder.step(logits, masked_block, s, generator)
+            block_x = x[:, bs:be]
+            block_x[commit.positions] = commit.tokens[commit.positions]
+            committed = torch.zeros((B, L), dtype=torch.bool, device=device)
+            committed[:, bs:be] = commit.positions
+            if config.early_stop:
+                committed |= _finish_rows(x, P, mask_id, end_ids, cfg.eos_token_id)
+            just_committed = torch.cat([committed, committed]) if use_cfg else committed
+            state.just_committed = just_committed
+            policy.end_step(state)
+            if records is not None:
+                records.append(_record(n, blk, committed, x, commit, bs, be, P))
+            n += 1
+            if progress is not None:
+                progress(n, steps)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    wall = time.perf_counter() - start
+    return _result(llm, x, P, n, use_cfg, wall, fstats, feature_cache, records, end_ids)
+
+
+def _finish_rows(x: Tensor, P: int, mask_id: int, end_ids: Tensor, eos_id: int) -> Tensor:
+    """Early stop: a row whose answer has an end token with everything before it committed is done;
+    its remaining masks become EOS. Returns the positions so filled."""
+    ans = x[:, P:]
+    masked = ans == mask_id
+    done = (torch.isin(ans, end_ids) & (masked.long().cumsum(1) == 0)).any(1)
+    fill = masked & done[:, None]
+    ans[fill] = eos_id
+    out = torch.zeros_like(x, dtype=torch.bool)
+    out[:, P:] = fill
+    return out
+
+
+def _record(n: int, blk: int, committed: Tensor, x: Tensor, commit: Any, bs: int, be: int, P: int) -> StepRecord:
+    pos, toks, confs = [], [], []
+    conf_full = torch.full(x.shape, float("nan"), dtype=torch.float64, device=x.device)
+    conf_full[:, bs:be] = commit.confidence.to(torch.float64)
+    for b in range(x.shape[0]):
+        cols = committed[b].nonzero().flatten()
+        pos.append((cols - P).tolist())
+        toks.append(x[b, cols].tolist())
+        confs.append(conf_full[b, cols].tolist())
+    return StepRecord(n, blk, pos, toks, confs)
+
+
+def _result(
+    llm: DLLM,
+    x: Tensor,
+    P: int,
+    n_steps: int,
+    use_cfg: bool,
+    wall: float,
+    fstats: ForwardStats,
+    feature_cache: FeatureCache | None,
+    records: list[StepRecord] | None,
+    end_ids: Tensor,
+) -> GenerationResult:
+    answers = x[:, P:].tolist()
+    end_set = set(end_ids.tolist())
+    tokens = []
+    for row in answers:
+        cut = next((i for i, t in enumerate(row) if t in end_set), len(row))
+        tokens.append(row[:cut])
+    tok = llm.tokenizer
+    texts = [tok.decode(t, skip_special_tokens=True) if tok is not None else "" for t in tokens]
+    generated = int(sum(1 for row in answers for t in row if t not in end_set and t != llm.config.pad_token_id))
+    total = max(fstats.position_layers_total, 1)
+    stats = GenerationStats(
+        nfe=n_steps * (2 if use_cfg else 1),
+        steps=n_steps,
+        wall_time_s=wall,
+        generated_tokens=generated,
+        tokens_per_s=generated / wall if wall > 0 else 0.0,
+        position_layers=fstats.position_layers,
+        recompute_fraction=fstats.position_layers / total,
+        flops=fstats.flops,
+        peak_memory_bytes=_peak_memory(x.device),
+        cache_bytes=feature_cache.nbytes() if feature_cache is not None else 0,
+    )
+    return GenerationResult(tokens, texts, x.cpu(), P, stats, records)
+
+
+__all__ = ["GenerationConfig", "GenerationResult", "GenerationStats", "StepRecord", "generate"]

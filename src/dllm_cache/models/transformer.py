@@ -1,0 +1,304 @@
+"""The transformer shared by every family (LLaDA, Dream, Qwen2 guide) and the active-rows forward.
+
+The architecture files (llada.py, dream.py) only say how a family's config.json and weight names map
+onto this module; the math lives here once.
+
+Active-rows forward (docs/architecture.md): at every layer a set of rows A ([B, k] indices, or None for
+all rows) is recomputed; the other rows reuse the K, V (and, for per-layer policies, the attention and
+FFN outputs) held in a `FeatureCache`. Queries of A attend to the *full* cached K, V.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from dllm_cache.cache.base import CachePolicy, FeatureCache
+
+
+@dataclass
+class ModelConfig:
+    """Family-independent hyperparameters (parsed from each family's config.json)."""
+
+    arch: str  # "llada" | "dream" | "qwen2"
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    d_ff: int
+    rope_theta: float
+    norm_eps: float
+    qkv_bias: bool
+    max_seq_len: int
+    mask_token_id: int | None
+    eos_token_id: int
+    pad_token_id: int
+    bos_token_id: int | None = None
+    causal: bool = False  # the AR guide; dLLMs attend bidirectionally
+    shift_logits: bool = False  # Dream: logits at i-1 predict token i
+    tie_embeddings: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def linear_params_per_layer(self) -> int:
+        d, kv = self.d_model, self.n_kv_heads * self.head_dim
+        return d * d * 2 + d * kv * 2 + 3 * d * self.d_ff
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Normalise in fp32 (both reference implementations do), scale in the model dtype.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        d, kv = cfg.d_model, cfg.n_kv_heads * cfg.head_dim
+        self.attn_norm = RMSNorm(d, cfg.norm_eps)
+        self.q_proj = nn.Linear(d, d, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(d, kv, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(d, kv, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(d, d, bias=False)
+        self.ffn_norm = RMSNorm(d, cfg.norm_eps)
+        self.gate_proj = nn.Linear(d, cfg.d_ff, bias=False)
+        self.up_proj = nn.Linear(d, cfg.d_ff, bias=False)
+        self.down_proj = nn.Linear(cfg.d_ff, d, bias=False)
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+
+    def values(self, h: Tensor) -> Tensor:
+        """V of rows h [B, k, d] -> [B, Hkv, k, hd] (what dLLM-Cache compares across steps)."""
+        B, k, _ = h.shape
+        v = self.v_proj(self.attn_norm(h))
+        return v.view(B, k, self.n_kv_heads, self.head_dim).transpose(1, 2)
+
+    def qkv(self, h: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k (after RoPE), v for rows h [B, k, d]; cos/sin [B, k, hd] are those rows' angles."""
+        B, k, _ = h.shape
+        n = self.attn_norm(h)
+        q = self.q_proj(n).view(B, k, self.n_heads, self.head_dim).transpose(1, 2)
+        kk = self.k_proj(n).view(B, k, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(n).view(B, k, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        return apply_rope(q, cos, sin), apply_rope(kk, cos, sin), v
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+        """Queries [B, H, k, hd] over keys/values [B, Hkv, L, hd]; mask broadcastable to [B, H, k, L]."""
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv_heads)
+        B, _, k_rows, _ = q.shape
+        return self.o_proj(o.transpose(1, 2).reshape(B, k_rows, -1))
+
+    def ffn(self, h: Tensor) -> Tensor:
+        m = self.ffn_norm(h)
+        return self.down_proj(F.silu(self.gate_proj(m)) * self.up_proj(m))
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    # RoPE in fp32 (LLaDA's rope_full_precision); cos/sin [B, k, hd] broadcast over heads.
+    xf = x.float()
+    out = xf * cos[:, None] + rotate_half(xf) * sin[:, None]
+    return out.to(x.dtype)
+
+
+def gather_rows(t: Tensor, rows: Tensor | None, dim: int = 1) -> Tensor:
+    """t[b, rows[b]] along `dim` (1 for [B, L, ...], 2 for [B, H, L, hd])."""
+    if rows is None:
+        return t
+    shape = [1] * t.dim()
+    shape[0], shape[dim] = rows.shape
+    idx = rows.view(shape).expand(*t.shape[:dim], rows.shape[1], *t.shape[dim + 1 :])
+    return t.gather(dim, idx)
+
+
+def scatter_rows(dst: Tensor, rows: Tensor | None, src: Tensor, dim: int = 1) -> None:
+    """dst[b, rows[b]] = src in place (the whole tensor when rows is None)."""
+    if rows is None:
+        dst.copy_(src)
+        return
+    shape = [1] * dst.dim()
+    shape[0], shape[dim] = rows.shape
+    idx = rows.view(shape).expand(*dst.shape[:dim], rows.shape[1], *dst.shape[dim + 1 :])
+    dst.scatter_(dim, idx, src)
+
+
+@dataclass
+class SequenceLayout:
+    """What stays fixed for one batch of sequences during a generation: positions, masks, RoPE angles."""
+
+    key_mask: Tensor  # [B, L] bool, False on left padding
+    cos: Tensor  # [B, L, hd] fp32
+    sin: Tensor
+    causal: bool
+
+    @property
+    def seq_len(self) -> int:
+        return self.key_mask.shape[1]
+
+    def attn_mask(self, rows: Tensor | None) -> Tensor:
+        """Boolean mask [B, 1, k, L] (True = attend) for query rows (None = all rows)."""
+        B, L = self.key_mask.shape
+        mask = self.key_mask[:, None, None, :]
+        if not self.causal:
+            return mask
+        q_idx = torch.arange(L, device=mask.device).expand(B, L) if rows is None else rows
+        k_idx = torch.arange(L, device=mask.device)
+        return mask & (k_idx[None, None, None, :] <= q_idx[:, None, :, None])
+
+
+class LayerView:
+    """What a per-layer policy may look at before choosing the layer's active rows."""
+
+    def __init__(self, model: Transformer, layer: int, h: Tensor, cache: FeatureCache, stats: ForwardStats):
+        self.model, self.layer, self.h, self.cache, self.stats = model, layer, h, cache, stats
+
+    def values(self, rows: Tensor) -> Tensor:
+        """Fresh V [B, Hkv, k, hd] for `rows` from this layer's current input (norm + v_proj only)."""
+        block = self.model.blocks[self.layer]
+        self.stats.flops += 2 * block.v_proj.weight.numel() * rows.numel()
+        return block.values(gather_rows(self.h, rows))
+
+
+@dataclass
+class ForwardStats:
+    """Counted from the shapes actually computed (docs/architecture.md, "Stats")."""
+
+    forwards: int = 0
+    position_layers: int = 0  # sum over layers of rows recomputed (x batch)
+    position_layers_total: int = 0  # what full forwards would have computed
+    flops: float = 0.0
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    def layout(self, attention_mask: Tensor) -> SequenceLayout:
+        """Positions count from the first real token (left padding); pads get a dummy position 0."""
+        key_mask = attention_mask.bool()
+        positions = (key_mask.long().cumsum(-1) - 1).clamp(min=0)
+        hd = self.config.head_dim
+        inv_freq = 1.0 / (
+            self.config.rope_theta ** (torch.arange(0, hd, 2, device=positions.device, dtype=torch.float32) / hd)
+        )
+        angles = positions.float()[..., None] * inv_freq
+        angles = torch.cat((angles, angles), dim=-1)
+        return SequenceLayout(key_mask, angles.cos(), angles.sin(), self.config.causal)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Ordinary full forward (training, tests): logits [B, L, V] for every row."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+        layout = self.layout(attention_mask)
+        h = self.embed(input_ids)
+        mask = layout.attn_mask(None)
+        for block in self.blocks:
+            q, k, v = block.qkv(h, layout.cos, layout.sin)
+            h = h + block.attend(q, k, v, mask)
+            h = h + block.ffn(h)
+        return self.lm_head(self.final_norm(h)).float()
+
+    def forward_active(
+        self,
+        input_ids: Tensor,
+        layout: SequenceLayout,
+        cache: FeatureCache | None,
+        policy: CachePolicy | None,
+        rows: Tensor | None,
+        logit_rows: Tensor,
+        stats: ForwardStats,
+    ) -> Tensor:
+        """One denoising forward with caching; returns fp32 logits [B, r, V] for `logit_rows` [B, r].
+
+        rows: the active rows for the whole network ([B, k], None = all). With a per-layer policy the
+        residual stream of every row is carried and `policy.select` picks each layer's rows.
+        """
+        B, L = input_ids.shape
+        cfg = self.config
+        per_layer = policy is not None and policy.per_layer
+        if per_layer:
+            rows = None  # the full residual stream is carried; selection happens per layer
+        h = self.embed(gather_rows(input_ids, rows))
+        n_rows = L if rows is None else rows.shape[1]
+        cos, sin = gather_rows(layout.cos, rows), gather_rows(layout.sin, rows)
+        stats.forwards += 1
+        for i, block in enumerate(self.blocks):
+            active = rows
+            if per_layer:
+                assert cache is not None and policy is not None
+                active = policy.select(i, LayerView(self, i, h, cache, stats))
+            k_active = n_rows if active is None else active.shape[1]
+            self._count(stats, B, k_active, L)
+            if cache is None:  # no caching at all: the plain forward
+                q, k, v = block.qkv(h, cos, sin)
+                h = h + block.attend(q, k, v, layout.attn_mask(rows))
+                h = h + block.ffn(h)
+                continue
+            if not per_layer:
+                # One set for the whole network: h holds only the active rows; inactive rows are
+                # skipped entirely and only their cached K, V are read.
+                q, k, v = block.qkv(h, cos, sin)
+                scatter_rows(cache.k[i], rows, k, dim=2)
+                scatter_rows(cache.v[i], rows, v, dim=2)
+                h = h + block.attend(q, cache.k[i], cache.v[i], layout.attn_mask(rows))
+                h = h + block.ffn(h)
+                continue
+            # Per-layer selection: recompute the active rows, every row adds this layer's cached
+            # contributions to its *current* input so changes in earlier layers flow through.
+            hA = gather_rows(h, active)
+            q, k, v = block.qkv(hA, gather_rows(cos, active), gather_rows(sin, active))
+            scatter_rows(cache.k[i], active, k, dim=2)
+            scatter_rows(cache.v[i], active, v, dim=2)
+            scatter_rows(cache.attn[i], active, block.attend(q, cache.k[i], cache.v[i], layout.attn_mask(active)))
+            h = h + cache.attn[i]
+            scatter_rows(cache.ffn[i], active, block.ffn(gather_rows(h, active)))
+            h = h + cache.ffn[i]
+        if rows is not None:
+            # logit_rows are sequence positions; map them to their place among the active rows.
+            where = torch.full((B, L), -1, dtype=torch.long, device=h.device)
+            where.scatter_(1, rows, torch.arange(rows.shape[1], device=h.device).expand(B, -1))
+            logit_rows = where.gather(1, logit_rows)
+            if (logit_rows < 0).any():
+                raise RuntimeError("cache policy left a row the decoder needs inactive")
+        stats.flops += 2 * cfg.d_model * cfg.vocab_size * logit_rows.numel()
+        out = self.final_norm(gather_rows(h, logit_rows))
+        return self.lm_head(out).float()
+
+    def _count(self, stats: ForwardStats, B: int, k: int, L: int) -> None:
+        cfg = self.config
+        stats.position_layers += B * k
+        stats.position_layers_total += B * L
+        stats.flops += 2 * cfg.linear_params_per_layer() * B * k + 4 * B * k * L * cfg.d_model
