@@ -99,6 +99,11 @@ def _check_config(llm: DLLM, config: GenerationConfig, prompt_len: int) -> tuple
     G = config.gen_length
     if G <= 0:
         raise GenerationError(f"gen_length must be positive, got {G}")
+    if prompt_len + G > cfg.max_seq_len:
+        raise GenerationError(
+            f"prompt ({prompt_len} tokens) + gen_length ({G}) exceeds the model's maximum sequence length "
+            f"{cfg.max_seq_len}"
+        )
     if config.block_length is not None:
         block = config.block_length
     else:
@@ -109,11 +114,6 @@ def _check_config(llm: DLLM, config: GenerationConfig, prompt_len: int) -> tuple
     steps = G if config.steps is None else config.steps
     if steps <= 0 or steps % n_blocks:
         raise GenerationError(f"steps {steps} is not divisible by the number of blocks {n_blocks}")
-    if prompt_len + G > cfg.max_seq_len:
-        raise GenerationError(
-            f"prompt ({prompt_len} tokens) + gen_length ({G}) exceeds the model's maximum sequence length "
-            f"{cfg.max_seq_len}"
-        )
     if config.temperature < 0:
         raise GenerationError(f"temperature must be >= 0, got {config.temperature}")
     if config.cfg_scale < 0:
