@@ -18,7 +18,9 @@ torch.set_num_threads(2)
 def write_tiny(tmp: Path, arch: str, sharded: bool = False, **sizes) -> Path:
     # std 0.5 makes random logits peaked enough that greedy choices are not near-ties.
     model = random_model(tiny_config(arch, **sizes), seed=1, std=0.5)
-    return save_checkpoint(model, tmp / f"{arch}{'-sharded' if sharded else ''}", shard_bytes=40_000 if sharded else None)
+    return save_checkpoint(
+        model, tmp / f"{arch}{'-sharded' if sharded else ''}", shard_bytes=40_000 if sharded else None
+    )
 
 
 @pytest.fixture(scope="session")

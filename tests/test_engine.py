@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import PROMPTS
+
 from dllm_cache.decoding.dream import ALGS
 from dllm_cache.decoding.llada import tokens_per_step
 from dllm_cache.engine import _finish_rows, generate
@@ -29,7 +29,9 @@ def test_tokens_per_step_schedule():
 
 
 def test_per_step_commit_counts(llada):
-    out = generate(llada, PROMPTS, gen_length=16, steps=8, block_length=8, early_stop=False, record_steps=True)
+    out = generate(
+        llada, PROMPTS, gen_length=16, steps=8, block_length=8, early_stop=False, record_steps=True
+    )
     assert out.stats.nfe == 8 == len(out.step_records)
     for rec in out.step_records:
         blk = rec.block
@@ -57,7 +59,9 @@ def _first_step_expectation(llm, prompt, gen, shift):
 def test_first_commit_uses_the_right_logit_row(fixture, shift, request):
     llm = request.getfixturevalue(fixture)
     prompt = PROMPTS[0]
-    out = generate(llm, [prompt], gen_length=8, steps=8, block_length=8, record_steps=True, alg="maskgit_plus")
+    out = generate(
+        llm, [prompt], gen_length=8, steps=8, block_length=8, record_steps=True, alg="maskgit_plus"
+    )
     # Dream's time grid commits int(8 * (1 - t1/t0)) = 0 tokens at its first step, like the reference.
     first = next(r for r in out.step_records if r.positions[0])
     expected = _first_step_expectation(llm, prompt, 8, shift)
@@ -75,7 +79,9 @@ def test_cfg_first_step_matches_guidance_formula(llada):
     guided = uncond + (scale + 1) * (cond - uncond)
     conf, tok = guided.double().softmax(-1).max(-1)
     j = int(conf.argmax())
-    out = generate(llada, [prompt], gen_length=gen, steps=gen, block_length=gen, cfg_scale=scale, record_steps=True)
+    out = generate(
+        llada, [prompt], gen_length=gen, steps=gen, block_length=gen, cfg_scale=scale, record_steps=True
+    )
     assert out.step_records[0].positions[0] == [j] and out.step_records[0].tokens[0] == [int(tok[j])]
     assert out.stats.nfe == 2 * out.stats.steps
 
@@ -99,8 +105,17 @@ def test_random_remasking_is_seeded(llada):
 @pytest.mark.parametrize("alg", ALGS)
 @pytest.mark.parametrize("temperature", [0.0, 0.7])
 def test_dream_algorithms_fill_every_position(dream, alg, temperature):
-    out = generate(dream, PROMPTS, gen_length=12, steps=12, alg=alg, temperature=temperature, top_p=0.95,
-                   early_stop=False, seed=0)
+    out = generate(
+        dream,
+        PROMPTS,
+        gen_length=12,
+        steps=12,
+        alg=alg,
+        temperature=temperature,
+        top_p=0.95,
+        early_stop=False,
+        seed=0,
+    )
     assert not (out.sequences == dream.config.mask_token_id).any()
     assert out.stats.steps <= 12
 
@@ -112,11 +127,13 @@ def test_dream_alg_temp_samples_positions(dream):
 
 def test_early_stop_fills_after_end_token():
     mask, eos, eot = 9, 0, 5
-    x = torch.tensor([
-        [1, 2, 3, eot, mask, mask],  # answer complete up to eot -> finished
-        [1, 2, mask, eot, mask, mask],  # a mask before the end token -> not yet
-        [1, 2, 3, 4, mask, mask],  # no end token
-    ])
+    x = torch.tensor(
+        [
+            [1, 2, 3, eot, mask, mask],  # answer complete up to eot -> finished
+            [1, 2, mask, eot, mask, mask],  # a mask before the end token -> not yet
+            [1, 2, 3, 4, mask, mask],  # no end token
+        ]
+    )
     filled = _finish_rows(x, 2, mask, torch.tensor([eos, eot]), eos)
     assert x.tolist() == [[1, 2, 3, eot, eos, eos], [1, 2, mask, eot, mask, mask], [1, 2, 3, 4, mask, mask]]
     assert filled.sum() == 2

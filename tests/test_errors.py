@@ -7,10 +7,10 @@ import shutil
 
 import pytest
 import torch
+from conftest import PROMPTS
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from conftest import PROMPTS
 from dllm_cache.cli import app
 from dllm_cache.engine import generate
 from dllm_cache.errors import GenerationError, ModelLoadError
@@ -50,13 +50,17 @@ def test_missing_weights(broken):
 
 def test_missing_tensor(broken):
     _edit_tensors(broken, lambda t: t.pop("model.transformer.blocks.1.up_proj.weight"))
-    with pytest.raises(ModelLoadError, match=r"missing tensor model\.transformer\.blocks\.1\.up_proj\.weight"):
+    with pytest.raises(
+        ModelLoadError, match=r"missing tensor model\.transformer\.blocks\.1\.up_proj\.weight"
+    ):
         load_model(broken)
 
 
 def test_unexpected_tensor(broken):
     _edit_tensors(broken, lambda t: t.update({"model.transformer.blocks.9.extra.weight": torch.zeros(2)}))
-    with pytest.raises(ModelLoadError, match=r"unexpected tensor model\.transformer\.blocks\.9\.extra\.weight"):
+    with pytest.raises(
+        ModelLoadError, match=r"unexpected tensor model\.transformer\.blocks\.9\.extra\.weight"
+    ):
         load_model(broken)
 
 
@@ -64,7 +68,10 @@ def test_wrong_shape(broken):
     cfg = json.loads((broken / "config.json").read_text())
     cfg["mlp_hidden_size"] = 96
     (broken / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ModelLoadError, match=r"blocks\.0\.ff_proj\.weight has shape \[128, 64\], config\.json implies \[96, 64\]"):
+    with pytest.raises(
+        ModelLoadError,
+        match=r"blocks\.0\.ff_proj\.weight has shape \[128, 64\], config\.json implies \[96, 64\]",
+    ):
         load_model(broken)
 
 
@@ -87,7 +94,10 @@ def test_missing_shard(llada_sharded_dir, tmp_path):
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        (dict(gen_length=600), r"prompt \(7 tokens\) \+ gen_length \(600\) exceeds the model's maximum sequence length 512"),
+        (
+            dict(gen_length=600),
+            r"prompt \(7 tokens\) \+ gen_length \(600\) exceeds the model's maximum sequence length 512",
+        ),
         (dict(gen_length=20, block_length=8), "gen_length 20 is not divisible by block_length 8"),
         (dict(gen_length=32, block_length=8, steps=6), "steps 6 is not divisible by the number of blocks 4"),
         (dict(gen_length=0), "gen_length must be positive"),

@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import PROMPTS, SHARED, as_llm
+
 from dllm_cache.cache.base import FeatureCache
 from dllm_cache.models import dream, llada
 from dllm_cache.models.loading import load_model, read_config
@@ -28,7 +28,12 @@ def test_weight_names_match_the_real_release(name, family):
 def test_real_configs_parse():
     cfg = read_config(SHARED / "tokenizers" / "llada-8b-instruct")
     assert (cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.d_ff, cfg.vocab_size) == (4096, 32, 32, 12288, 126464)
-    assert (cfg.mask_token_id, cfg.eos_token_id, cfg.bos_token_id, cfg.max_seq_len) == (126336, 126081, 126080, 4096)
+    assert (cfg.mask_token_id, cfg.eos_token_id, cfg.bos_token_id, cfg.max_seq_len) == (
+        126336,
+        126081,
+        126080,
+        4096,
+    )
     assert not cfg.shift_logits
     cfg = read_config(SHARED / "tokenizers" / "dream-v0-instruct-7b")
     assert (cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.d_ff) == (3584, 28, 28, 4, 18944)

@@ -87,7 +87,9 @@ class GenerationResult:
 
 def default_decoder(llm: DLLM, config: GenerationConfig) -> Decoder:
     if llm.config.shift_logits:
-        return DreamDecoder(config.alg, config.temperature, config.top_p, config.top_k, config.alg_temp, config.eps)
+        return DreamDecoder(
+            config.alg, config.temperature, config.top_p, config.top_k, config.alg_temp, config.eps
+        )
     return LLaDADecoder(config.remasking, config.temperature)
 
 
@@ -122,7 +124,9 @@ def _check_config(llm: DLLM, config: GenerationConfig, prompt_len: int) -> tuple
 
 
 def encode_prompts(llm: DLLM, prompts: Prompt | Sequence[Prompt], chat: bool) -> list[list[int]]:
-    if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)):
+    if isinstance(prompts, str) or (
+        isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)
+    ):
         prompts = [prompts]  # type: ignore[list-item]
     if not prompts:
         raise GenerationError("no prompts given")
@@ -250,7 +254,9 @@ def _finish_rows(x: Tensor, P: int, mask_id: int, end_ids: Tensor, eos_id: int) 
     return out
 
 
-def _record(n: int, blk: int, committed: Tensor, x: Tensor, commit: Any, bs: int, be: int, P: int) -> StepRecord:
+def _record(
+    n: int, blk: int, committed: Tensor, x: Tensor, commit: Any, bs: int, be: int, P: int
+) -> StepRecord:
     pos, toks, confs = [], [], []
     conf_full = torch.full(x.shape, float("nan"), dtype=torch.float64, device=x.device)
     conf_full[:, bs:be] = commit.confidence.to(torch.float64)
@@ -282,7 +288,9 @@ def _result(
         tokens.append(row[:cut])
     tok = llm.tokenizer
     texts = [tok.decode(t, skip_special_tokens=True) if tok is not None else "" for t in tokens]
-    generated = int(sum(1 for row in answers for t in row if t not in end_set and t != llm.config.pad_token_id))
+    generated = int(
+        sum(1 for row in answers for t in row if t not in end_set and t != llm.config.pad_token_id)
+    )
     total = max(fstats.position_layers_total, 1)
     stats = GenerationStats(
         nfe=n_steps * (2 if use_cfg else 1),

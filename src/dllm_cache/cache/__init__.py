@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from dllm_cache.cache.base import CachePolicy, FeatureCache, NoCache, StepState
+from dllm_cache.cache.dllm_cache import DLLMCache
 from dllm_cache.errors import GenerationError
 
-POLICIES: dict[str, type] = {"none": NoCache}
+POLICIES: dict[str, type] = {"none": NoCache, "dllm-cache": DLLMCache}
 
 
 def make_policy(name: str, **kwargs: Any) -> CachePolicy:
@@ -15,10 +17,13 @@ def make_policy(name: str, **kwargs: Any) -> CachePolicy:
     key = name.replace("_", "-")
     if key not in POLICIES:
         raise GenerationError(f"unknown cache policy {name!r} (choose {', '.join(POLICIES)})")
-    try:
-        return POLICIES[key](**kwargs)
-    except TypeError as e:
-        raise GenerationError(f"cache policy {key!r}: {e}") from None
+    cls = POLICIES[key]
+    params = [p for p in inspect.signature(cls).parameters if p != "self"]
+    for arg in kwargs:
+        if arg not in params:
+            valid = ", ".join(params) or "none"
+            raise GenerationError(f"cache policy {key!r} has no argument {arg!r} (valid: {valid})")
+    return cls(**kwargs)
 
 
-__all__ = ["POLICIES", "CachePolicy", "FeatureCache", "NoCache", "StepState", "make_policy"]
+__all__ = ["POLICIES", "CachePolicy", "DLLMCache", "FeatureCache", "NoCache", "StepState", "make_policy"]

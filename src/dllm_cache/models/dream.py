@@ -14,7 +14,13 @@ from dllm_cache.models.transformer import ModelConfig
 
 MODEL_TYPES = {"Dream": "dream", "dream": "dream", "qwen2": "qwen2"}
 
-REQUIRED_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
+REQUIRED_FIELDS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "vocab_size",
+)
 
 
 def parse_config(raw: dict[str, Any]) -> ModelConfig:

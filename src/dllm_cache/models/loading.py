@@ -51,7 +51,9 @@ def resolve_model_dir(name_or_path: str | Path) -> Path:
     embedded = CHECKPOINTS_DIR / str(name_or_path)
     if embedded.is_dir():
         return embedded
-    shipped = sorted(p.name for p in CHECKPOINTS_DIR.iterdir() if p.is_dir()) if CHECKPOINTS_DIR.is_dir() else []
+    shipped = (
+        sorted(p.name for p in CHECKPOINTS_DIR.iterdir() if p.is_dir()) if CHECKPOINTS_DIR.is_dir() else []
+    )
     hint = f" (embedded models: {', '.join(shipped)})" if shipped else ""
     raise ModelLoadError(f"model directory not found: {name_or_path}{hint}")
 
@@ -92,7 +94,9 @@ def _weight_files(model_dir: Path) -> dict[str, Path]:
         shards = {f: model_dir / f for f in set(weight_map.values())}
         for f, p in shards.items():
             if not p.is_file():
-                raise ModelLoadError(f"{model_dir}: shard {f} listed in model.safetensors.index.json is missing")
+                raise ModelLoadError(
+                    f"{model_dir}: shard {f} listed in model.safetensors.index.json is missing"
+                )
         return {name: shards[f] for name, f in weight_map.items()}
     single = model_dir / "model.safetensors"
     if single.is_file():
@@ -175,7 +179,8 @@ def save_checkpoint(
     (out / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
     params = dict(model.named_parameters())
     tensors = {
-        theirs: params[ours].detach().to("cpu", dtype).contiguous() for ours, theirs in family.weight_names(cfg).items()
+        theirs: params[ours].detach().to("cpu", dtype).contiguous()
+        for ours, theirs in family.weight_names(cfg).items()
     }
     if shard_bytes is None:
         save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
@@ -197,7 +202,11 @@ def save_checkpoint(
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id}
+    gen = {
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": cfg.eos_token_id,
+        "pad_token_id": cfg.pad_token_id,
+    }
     gen.update(generation_config or {})
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     return out
@@ -218,7 +227,9 @@ class DLLM:
 
 
 def load(
-    name_or_path: str | Path = DEFAULT_MODEL, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu"
+    name_or_path: str | Path = DEFAULT_MODEL,
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device = "cpu",
 ) -> DLLM:
     """Load a checkpoint directory (or an embedded model by name) with its tokenizer."""
     from dllm_cache.models.tokenizer import end_token_ids, load_tokenizer

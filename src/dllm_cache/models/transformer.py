@@ -98,7 +98,9 @@ class Block(nn.Module):
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
         """Queries [B, H, k, hd] over keys/values [B, Hkv, L, hd]; mask broadcastable to [B, H, k, L]."""
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv_heads)
+        o = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv_heads
+        )
         B, _, k_rows, _ = q.shape
         return self.o_proj(o.transpose(1, 2).reshape(B, k_rows, -1))
 
@@ -212,7 +214,8 @@ class Transformer(nn.Module):
         positions = (key_mask.long().cumsum(-1) - 1).clamp(min=0)
         hd = self.config.head_dim
         inv_freq = 1.0 / (
-            self.config.rope_theta ** (torch.arange(0, hd, 2, device=positions.device, dtype=torch.float32) / hd)
+            self.config.rope_theta
+            ** (torch.arange(0, hd, 2, device=positions.device, dtype=torch.float32) / hd)
         )
         angles = positions.float()[..., None] * inv_freq
         angles = torch.cat((angles, angles), dim=-1)
@@ -278,11 +281,16 @@ class Transformer(nn.Module):
                 continue
             # Per-layer selection: recompute the active rows, every row adds this layer's cached
             # contributions to its *current* input so changes in earlier layers flow through.
+            if active is not None and active.shape[1] == 0:  # nothing to recompute at this layer
+                h = h + cache.attn[i] + cache.ffn[i]
+                continue
             hA = gather_rows(h, active)
             q, k, v = block.qkv(hA, gather_rows(cos, active), gather_rows(sin, active))
             scatter_rows(cache.k[i], active, k, dim=2)
             scatter_rows(cache.v[i], active, v, dim=2)
-            scatter_rows(cache.attn[i], active, block.attend(q, cache.k[i], cache.v[i], layout.attn_mask(active)))
+            scatter_rows(
+                cache.attn[i], active, block.attend(q, cache.k[i], cache.v[i], layout.attn_mask(active))
+            )
             h = h + cache.attn[i]
             scatter_rows(cache.ffn[i], active, block.ffn(gather_rows(h, active)))
             h = h + cache.ffn[i]
