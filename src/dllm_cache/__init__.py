@@ -1,8 +1,8 @@
 """dllm-cache: fast, training-free inference for diffusion LLMs (LLaDA, Dream).
 
-    from dllm_cache import load, generate
-    llm = load("tiny-llada")
-    print(generate(llm, "Tom has 3 apples and buys 4 more. How many apples does he have?").text)
+from dllm_cache import load, generate
+llm = load("tiny-llada")
+print(generate(llm, "Tom has 3 apples and buys 4 more. How many apples does he have?").text)
 """
 
 from dllm_cache.engine import GenerationConfig, GenerationResult, generate

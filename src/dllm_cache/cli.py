@@ -1,0 +1,256 @@
+"""The `dllm-cache` command line (typer + rich)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from dllm_cache.errors import DllmCacheError
+
+app = typer.Typer(
+    help="Fast, training-free inference for diffusion LLMs (LLaDA, Dream).", no_args_is_help=True
+)
+console = Console()
+err_console = Console(stderr=True)
+
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="checkpoint directory or embedded model name")]
+DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto")]
+DtypeOpt = Annotated[str, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")]
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Bad input -> one line naming the problem and exit code 2, never a traceback."""
+    try:
+        yield
+    except DllmCacheError as e:
+        err_console.print(f"[bold red]error:[/] {e}", highlight=False)
+        raise typer.Exit(2) from None
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise DllmCacheError(f"device {device!r} requested but CUDA is not available")
+    return device
+
+
+def parse_cache_args(items: list[str] | None) -> dict[str, Any]:
+    """`--cache-arg key=value` pairs; values parsed as JSON where they can be (numbers, booleans)."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise DllmCacheError(f"--cache-arg expects key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
+@contextmanager
+def step_progress(enabled: bool, total_hint: int) -> Iterator[Callable[[int, int], None] | None]:
+    if not enabled:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn("denoising"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=True,
+    ) as bar:
+        task = bar.add_task("steps", total=total_hint)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Argument(help="the user message (wrapped in the model's chat template)")],
+    model: ModelOpt = "tiny-llada",
+    gen_length: Annotated[int, typer.Option(help="answer length in tokens")] = 128,
+    steps: Annotated[int | None, typer.Option(help="denoising steps (default: gen-length)")] = None,
+    block_length: Annotated[
+        int | None, typer.Option(help="semi-AR block (default 32 LLaDA, gen-length Dream)")
+    ] = None,
+    temperature: float = 0.0,
+    remasking: Annotated[str, typer.Option(help="LLaDA: low_confidence | random")] = "low_confidence",
+    alg: Annotated[
+        str, typer.Option(help="Dream: origin | maskgit_plus | topk_margin | entropy")
+    ] = "entropy",
+    cfg_scale: Annotated[float, typer.Option(help="classifier-free guidance scale (LLaDA)")] = 0.0,
+    cache: Annotated[str, typer.Option(help="cache policy")] = "none",
+    cache_arg: Annotated[
+        list[str] | None, typer.Option(help="policy hyperparameter key=value (repeatable)")
+    ] = None,
+    seed: int = 0,
+    no_chat: Annotated[
+        bool, typer.Option("--no-chat", help="send the prompt raw, without chat template")
+    ] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="print one JSON object {text, tokens, stats}")
+    ] = False,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+) -> None:
+    """Generate an answer to PROMPT."""
+    with user_errors():
+        from dllm_cache.cache import make_policy
+        from dllm_cache.engine import generate as run_generate
+        from dllm_cache.models.loading import load
+
+        policy = make_policy(cache, **parse_cache_args(cache_arg))
+        llm = load(model, dtype=dtype, device=resolve_device(device))
+        with step_progress(not as_json and sys.stderr.isatty(), steps or gen_length) as progress:
+            result = run_generate(
+                llm,
+                prompt,
+                cache=policy,
+                progress=progress,
+                gen_length=gen_length,
+                steps=steps,
+                block_length=block_length,
+                temperature=temperature,
+                remasking=remasking,
+                alg=alg,
+                cfg_scale=cfg_scale,
+                seed=seed,
+                chat=not no_chat,
+            )
+    if as_json:
+        print(json.dumps({"text": result.text, "tokens": result.tokens[0], "stats": result.stats.to_dict()}))
+        return
+    console.print(result.text, highlight=False, markup=False)
+    s = result.stats
+    err_console.print(
+        f"[dim]{s.generated_tokens} tokens, {s.nfe} NFE, {s.wall_time_s:.2f} s, {s.tokens_per_s:.1f} tok/s, "
+        f"recomputed {s.recompute_fraction:.1%} of position-layers[/]"
+    )
+
+
+@app.command()
+def info(model: ModelOpt = "tiny-llada", as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Architecture, parameter count, dtype and special tokens of a checkpoint."""
+    with user_errors():
+        from dllm_cache.models.loading import load
+
+        llm = load(model)
+        cfg = llm.config
+        raw = json.loads((llm.path / "config.json").read_text())
+        tok = llm.tokenizer
+
+        def name(i: int | None) -> str | None:
+            return tok.convert_ids_to_tokens(i) if tok is not None and i is not None else None
+
+        out = {
+            "path": str(llm.path),
+            "architecture": cfg.arch,
+            "parameters": sum(p.numel() for p in llm.model.parameters()),
+            "checkpoint_dtype": raw.get("torch_dtype"),
+            "layers": cfg.n_layers,
+            "d_model": cfg.d_model,
+            "heads": cfg.n_heads,
+            "kv_heads": cfg.n_kv_heads,
+            "ffn": cfg.d_ff,
+            "vocab_size": cfg.vocab_size,
+            "max_sequence_length": cfg.max_seq_len,
+            "shifted_logits": cfg.shift_logits,
+            "special_tokens": {
+                "mask": [cfg.mask_token_id, name(cfg.mask_token_id)],
+                "eos": [cfg.eos_token_id, name(cfg.eos_token_id)],
+                "pad": [cfg.pad_token_id, name(cfg.pad_token_id)],
+                "bos": [cfg.bos_token_id, name(cfg.bos_token_id)],
+                "end_of_answer": [[i, name(i)] for i in llm.end_token_ids],
+            },
+            "tokenizer": type(tok).__name__ if tok is not None else None,
+        }
+    if as_json:
+        print(json.dumps(out))
+        return
+    from rich.table import Table
+
+    table = Table(show_header=False)
+    for k, v in out.items():
+        table.add_row(k, f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else str(v))
+    console.print(table)
+
+
+@app.command("init-random")
+def init_random(
+    arch: Annotated[str, typer.Option(help="llada | dream | qwen2")] = "llada",
+    out: Annotated[Path, typer.Option(help="output directory")] = Path("tiny-random"),
+    layers: int = 2,
+    d_model: int = 64,
+    heads: int = 4,
+    seed: int = 0,
+) -> None:
+    """Write a small random checkpoint (with a demo tokenizer) in the family's HF format."""
+    with user_errors():
+        from dllm_cache.models.random_checkpoint import write_random_checkpoint
+
+        path = write_random_checkpoint(arch, out, n_layers=layers, d_model=d_model, n_heads=heads, seed=seed)
+    console.print(f"wrote {path}")
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+@app.command("train-demo")
+def train_demo(
+    arch: Annotated[str, typer.Option(help="llada | dream | ar")] = "llada",
+    out: Annotated[Path | None, typer.Option(help="output directory (default: ./tiny-ARCH)")] = None,
+    steps: int = 1500,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    layers: int = 4,
+    d_model: int = 256,
+    heads: int = 4,
+    d_ff: int = 704,
+    seed: int = 0,
+    max_minutes: Annotated[float | None, typer.Option(help="stop when the wall clock runs out")] = None,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Train a demo model (tiny-llada, tiny-dream or tiny-ar) on tiny GSM and write an HF checkpoint."""
+    with user_errors():
+        import torch
+
+        from dllm_cache.demo.train import TrainConfig, train
+
+        cfg = TrainConfig(
+            arch=arch,
+            steps=steps,
+            batch_size=batch_size,
+            lr=lr,
+            n_layers=layers,
+            d_model=d_model,
+            n_heads=heads,
+            d_ff=d_ff,
+            seed=seed,
+            max_minutes=max_minutes,
+        )
+        dev = resolve_device(device)
+        if dev == "cpu":
+            torch.set_num_threads(max(1, torch.get_num_threads()))
+        summary = train(
+            cfg, out or Path(f"tiny-{arch}"), device=dev, log=lambda m: err_console.print(m, highlight=False)
+        )
+    console.print_json(json.dumps({k: v for k, v in summary.items() if k != "config"}))
