@@ -254,3 +254,69 @@ def train_demo(
             cfg, out or Path(f"tiny-{arch}"), device=dev, log=lambda m: err_console.print(m, highlight=False)
         )
     console.print_json(json.dumps({k: v for k, v in summary.items() if k != "config"}))
+
+
+@app.command("eval")
+def eval_cmd(
+    model: ModelOpt = "tiny-llada",
+    task: Annotated[str, typer.Option(help="tiny-gsm")] = "tiny-gsm",
+    cache: Annotated[
+        str, typer.Option(help="comma-separated methods, e.g. none,dllm-cache:response_interval=4")
+    ] = "none,dllm-cache",
+    limit: Annotated[int | None, typer.Option(help="number of problems (tiny-gsm: default 500)")] = None,
+    batch_size: int = 32,
+    gen_length: int = 128,
+    steps: int | None = None,
+    block_length: int | None = None,
+    output: Annotated[Path | None, typer.Option(help="write per-problem outputs as JSONL")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+) -> None:
+    """Accuracy and speed of several cache methods on the same problems, in one table."""
+    with user_errors():
+        from dllm_cache.engine import GenerationConfig
+        from dllm_cache.eval.runner import compare, load_task, parse_method
+        from dllm_cache.models.loading import load
+
+        methods = [m for m in cache.split(",") if m.strip()]
+        for m in methods:
+            parse_method(m)
+        problems = load_task(task, limit)
+        llm = load(model, dtype=dtype, device=resolve_device(device))
+        config = GenerationConfig(gen_length=gen_length, steps=steps, block_length=block_length)
+        if as_json or not sys.stderr.isatty():
+            results, rows = compare(llm, problems, methods, config, batch_size)
+        else:
+            from rich.progress import Progress
+
+            with Progress(console=err_console, transient=True) as bar:
+                t = bar.add_task(f"{task}", total=len(problems) * len(methods))
+                results, rows = compare(
+                    llm, problems, methods, config, batch_size, lambda n: bar.advance(t, n)
+                )
+    if output is not None:
+        output.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if as_json:
+        print(
+            json.dumps(
+                {"model": model, "task": task, "n": len(problems), "results": [r.to_dict() for r in results]}
+            )
+        )
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{task} · {model} · {len(problems)} problems · gen {gen_length}")
+    for col in ("method", "accuracy", "tokens/s", "NFE", "recomputed", "GFLOPs/problem", "speed-up"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    for r in results:
+        table.add_row(
+            r.method,
+            f"{r.accuracy:.1%} ({r.correct}/{r.n})",
+            f"{r.tokens_per_s:.1f}",
+            f"{r.nfe_per_problem:.1f}",
+            f"{r.recompute_fraction:.1%}",
+            f"{r.flops_per_problem / 1e9:.2f}",
+            f"{r.speedup:.2f}x",
+        )
+    console.print(table)

@@ -23,7 +23,7 @@ def write_random_checkpoint(
     if d_model % n_heads or (d_model // n_heads) % 2:
         raise DllmCacheError(f"d_model {d_model} must split into {n_heads} heads of even size")
     family = "llada" if arch == "llada" else "dream"
-    tok = train_tokenizer(training_corpus(generate_problems(300, "train", seed)), family, vocab_size=512)
+    tok = train_tokenizer(training_corpus(generate_problems(300, "train", seed)), family, vocab_size=1536)
     ids = special_token_ids(tok, family)
     vocab = -(-len(tok) // 64) * 64  # padded like the real checkpoints' embedding tables
     cfg = tiny_config(
