@@ -12,7 +12,8 @@ from dllm_cache.cli import app
 from dllm_cache.demo.train import TrainConfig, train
 from dllm_cache.engine import generate
 from dllm_cache.errors import DllmCacheError
-from dllm_cache.eval.runner import load_task, parse_method
+from dllm_cache.eval.runner import load_task
+from dllm_cache.methods import Method, parse_method
 from dllm_cache.models.loading import load
 
 runner = CliRunner()
@@ -62,10 +63,15 @@ def test_tiny_gsm_task_is_fixed():
 
 
 def test_method_specs():
-    assert parse_method("dllm-cache:response_interval=4:transfer_ratio=0.5") == (
-        "dllm-cache",
-        {"response_interval": 4, "transfer_ratio": 0.5},
+    assert parse_method("dllm-cache:response_interval=4:transfer_ratio=0.5") == Method(
+        "dllm-cache", {"response_interval": 4, "transfer_ratio": 0.5}
     )
+    assert parse_method("dual+threshold:threshold=0.8") == Method(
+        "dual", {}, {"decoder": "threshold", "threshold": 0.8}
+    )
+    assert parse_method("fast-dllm-dual-parallel").overrides["decoder"] == "threshold"
+    with pytest.raises(DllmCacheError, match="unknown decoder 'greedy'"):
+        parse_method("dual+greedy")
     with pytest.raises(DllmCacheError, match="has no argument 'k'"):
         parse_method("dllm-cache:k=3")
 

@@ -97,10 +97,19 @@ def generate(
         str, typer.Option(help="Dream: origin | maskgit_plus | topk_margin | entropy")
     ] = "entropy",
     cfg_scale: Annotated[float, typer.Option(help="classifier-free guidance scale (LLaDA)")] = 0.0,
-    cache: Annotated[str, typer.Option(help="cache policy")] = "none",
+    cache: Annotated[
+        str | None, typer.Option(help="cache policy: none, dllm-cache, prefix, dual, dkv")
+    ] = None,
     cache_arg: Annotated[
         list[str] | None, typer.Option(help="policy hyperparameter key=value (repeatable)")
     ] = None,
+    decoder: Annotated[str | None, typer.Option(help="reference | threshold | factor")] = None,
+    threshold: Annotated[float | None, typer.Option(help="threshold decoder confidence (0.9)")] = None,
+    factor: Annotated[float | None, typer.Option(help="factor decoder parameter (1.0)")] = None,
+    early_commit_margin: Annotated[
+        float | None, typer.Option(help="commit all remaining when every top1-top2 gap >= this")
+    ] = None,
+    preset: Annotated[str | None, typer.Option(help="a named method, e.g. fast-dllm-dual-parallel")] = None,
     seed: int = 0,
     no_chat: Annotated[
         bool, typer.Option("--no-chat", help="send the prompt raw, without chat template")
@@ -113,11 +122,23 @@ def generate(
 ) -> None:
     """Generate an answer to PROMPT."""
     with user_errors():
-        from dllm_cache.cache import make_policy
         from dllm_cache.engine import generate as run_generate
+        from dllm_cache.methods import Method, parse_method
         from dllm_cache.models.loading import load
 
-        policy = make_policy(cache, **parse_cache_args(cache_arg))
+        method = parse_method(preset) if preset else Method()
+        if cache is not None:
+            method.cache = cache
+        method.cache_args.update(parse_cache_args(cache_arg))
+        explicit = {
+            "decoder": decoder,
+            "threshold": threshold,
+            "factor": factor,
+            "early_commit_margin": early_commit_margin,
+            "block_length": block_length,
+        }
+        overrides = {**method.overrides, **{k: v for k, v in explicit.items() if v is not None}}
+        policy = method.policy()
         llm = load(model, dtype=dtype, device=resolve_device(device))
         with step_progress(not as_json and sys.stderr.isatty(), steps or gen_length) as progress:
             result = run_generate(
@@ -127,13 +148,13 @@ def generate(
                 progress=progress,
                 gen_length=gen_length,
                 steps=steps,
-                block_length=block_length,
                 temperature=temperature,
                 remasking=remasking,
                 alg=alg,
                 cfg_scale=cfg_scale,
                 seed=seed,
                 chat=not no_chat,
+                **overrides,
             )
     if as_json:
         print(json.dumps({"text": result.text, "tokens": result.tokens[0], "stats": result.stats.to_dict()}))
@@ -276,7 +297,8 @@ def eval_cmd(
     """Accuracy and speed of several cache methods on the same problems, in one table."""
     with user_errors():
         from dllm_cache.engine import GenerationConfig
-        from dllm_cache.eval.runner import compare, load_task, parse_method
+        from dllm_cache.eval.runner import compare, load_task
+        from dllm_cache.methods import parse_method
         from dllm_cache.models.loading import load
 
         methods = [m for m in cache.split(",") if m.strip()]
@@ -320,3 +342,46 @@ def eval_cmd(
             f"{r.speedup:.2f}x",
         )
     console.print(table)
+
+
+@app.command()
+def serve(
+    model: ModelOpt = "tiny-llada",
+    cache: Annotated[str, typer.Option(help="default cache policy (requests may override)")] = "none",
+    cache_arg: Annotated[list[str] | None, typer.Option(help="policy hyperparameter key=value")] = None,
+    preset: Annotated[str | None, typer.Option(help="default method preset")] = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_batch_size: int = 8,
+    max_queue: int = 64,
+    api_key: Annotated[
+        str | None, typer.Option(envvar="DLLM_CACHE_API_KEY", help="require this bearer key")
+    ] = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+) -> None:
+    """Start an OpenAI-compatible server (completions + chat, streaming) on HOST:PORT."""
+    with user_errors():
+        try:
+            import uvicorn
+
+            from dllm_cache.serve.app import create_app
+        except ImportError:
+            raise DllmCacheError("the server needs its extra: pip install 'dllm-cache[serve]'") from None
+        from dllm_cache.methods import parse_method
+        from dllm_cache.models.loading import load
+
+        method = parse_method(preset) if preset else parse_method(cache)
+        method.cache_args.update(parse_cache_args(cache_arg))
+        method.policy()
+        llm = load(model, dtype=dtype, device=resolve_device(device))
+        app_ = create_app(
+            llm,
+            model_name=Path(str(model)).name,
+            method=method,
+            max_batch_size=max_batch_size,
+            max_queue=max_queue,
+            api_key=api_key,
+        )
+    err_console.print(f"serving {model} on http://{host}:{port}/v1 (cache: {method.cache})")
+    uvicorn.run(app_, host=host, port=port, log_level="warning")

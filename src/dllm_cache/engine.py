@@ -41,6 +41,10 @@ class GenerationConfig:
     cfg_scale: float = 0.0
     seed: int = 0
     early_stop: bool = True
+    decoder: str = "reference"  # reference (the family's sampler) | threshold | factor
+    threshold: float = 0.9  # threshold decoder: commit every position above this confidence
+    factor: float = 1.0  # factor decoder
+    early_commit_margin: float | None = None  # Prophet: commit all when every top1-top2 gap >= this
     chat: bool = True  # wrap text prompts in the tokenizer's chat template
     record_steps: bool = False
 
@@ -69,6 +73,17 @@ class StepRecord:
     positions: list[list[int]]  # per row: answer offsets committed at this step
     tokens: list[list[int]]
     confidence: list[list[float]]
+
+
+@dataclass
+class StepEvent:
+    """Handed to `on_step` after every step: the answer canvas as it stands (masks still in place)."""
+
+    step: int
+    block: int
+    canvas: Tensor  # [B, G] answer tokens, mask id where not yet committed (a live view: copy to keep)
+    mask_id: int
+    block_done: bool  # every row's current block is fully committed
 
 
 @dataclass
@@ -155,9 +170,14 @@ def generate(
     cache: str | CachePolicy = "none",
     decoder: Decoder | None = None,
     progress: Callable[[int, int], None] | None = None,
+    on_step: Callable[[StepEvent], None] | None = None,
     **overrides: Any,
 ) -> GenerationResult:
-    """Generate answers for one prompt or a batch (left-padded); `overrides` set GenerationConfig fields."""
+    """Generate answers for one prompt or a batch (left-padded); `overrides` set GenerationConfig fields.
+
+    progress(done, total) and on_step(StepEvent) are called after every step (streaming, progress bars);
+    an exception raised by on_step aborts the generation.
+    """
     config = replace(config or GenerationConfig(), **overrides)
     model, cfg = llm.model, llm.config
     device = model.device
@@ -204,7 +224,9 @@ def generate(
         logit_rows = column_range(B, bs - shift, be - shift, device)
         if use_cfg:
             logit_rows = torch.cat([logit_rows, logit_rows])
-        for s in range(steps_per_block):
+        # Parallel (threshold) decoders finish a block in as many steps as they need, at least one
+        # token per step; the reference samplers spend exactly steps_per_block.
+        for s in range(block_len if getattr(decoder, "dynamic", False) else steps_per_block):
             masked_block = x[:, bs:be] == mask_id
             if not masked_block.any():
                 break
@@ -220,6 +242,11 @@ def generate(
             if use_cfg:
                 cond, uncond = logits[:B], logits[B:]
                 logits = uncond + (config.cfg_scale + 1) * (cond - uncond)
+            skipped = logits[..., 0].isnan()
+            if skipped.any():
+                if (skipped & masked_block).any():
+                    raise RuntimeError(f"cache policy {policy.name!r} skipped a row the decoder needs")
+                logits = logits.nan_to_num(0.0)
             commit = decoder.step(logits, masked_block, s, generator)
             block_x = x[:, bs:be]
             block_x[commit.positions] = commit.tokens[commit.positions]
@@ -235,6 +262,8 @@ def generate(
             n += 1
             if progress is not None:
                 progress(n, steps)
+            if on_step is not None:
+                on_step(StepEvent(n, blk, x[:, P:], mask_id, not (x[:, bs:be] == mask_id).any()))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     wall = time.perf_counter() - start
@@ -307,4 +336,4 @@ def _result(
     return GenerationResult(tokens, texts, x.cpu(), P, stats, records)
 
 
-__all__ = ["GenerationConfig", "GenerationResult", "GenerationStats", "StepRecord", "generate"]
+__all__ = ["GenerationConfig", "GenerationResult", "GenerationStats", "StepEvent", "StepRecord", "generate"]

@@ -6,10 +6,18 @@ import inspect
 from typing import Any
 
 from dllm_cache.cache.base import CachePolicy, FeatureCache, NoCache, StepState
+from dllm_cache.cache.dkv import DKVCache
 from dllm_cache.cache.dllm_cache import DLLMCache
+from dllm_cache.cache.fast_dllm import DualCache, PrefixCache
 from dllm_cache.errors import GenerationError
 
-POLICIES: dict[str, type] = {"none": NoCache, "dllm-cache": DLLMCache}
+POLICIES: dict[str, type] = {
+    "none": NoCache,
+    "dllm-cache": DLLMCache,
+    "prefix": PrefixCache,
+    "dual": DualCache,
+    "dkv": DKVCache,
+}
 
 
 def make_policy(name: str, **kwargs: Any) -> CachePolicy:
@@ -26,4 +34,15 @@ def make_policy(name: str, **kwargs: Any) -> CachePolicy:
     return cls(**kwargs)
 
 
-__all__ = ["POLICIES", "CachePolicy", "DLLMCache", "FeatureCache", "NoCache", "StepState", "make_policy"]
+__all__ = [
+    "POLICIES",
+    "CachePolicy",
+    "DKVCache",
+    "DLLMCache",
+    "DualCache",
+    "FeatureCache",
+    "PrefixCache",
+    "NoCache",
+    "StepState",
+    "make_policy",
+]

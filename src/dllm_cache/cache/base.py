@@ -102,3 +102,27 @@ class NoCache:
 def column_range(batch: int, start: int, end: int, device: torch.device) -> Tensor:
     """Rows [start, end) for every batch row, as a [B, end-start] index tensor."""
     return torch.arange(start, end, device=device).expand(batch, -1)
+
+
+def rows_from_mask(active: Tensor) -> Tensor:
+    """[B, L] bool -> [B, k] sorted row indices, k = the largest count in the batch.
+
+    Rows with fewer active positions repeat their own first active index: recomputing a row twice
+    writes the same values, so a row's result never depends on what else is in the batch.
+    """
+    B, L = active.shape
+    counts = active.sum(1)
+    k = max(int(counts.max()), 1)
+    idx = torch.arange(L, device=active.device).expand(B, L)
+    # active positions first (in order), then the rest; take the first k
+    order = torch.where(active, idx, idx + L).sort(dim=1).values[:, :k] % L
+    first = order[:, :1]
+    slot = torch.arange(k, device=active.device).expand(B, k)
+    return torch.where(slot < counts[:, None], order, first).sort(dim=1).values
+
+
+def shifted_left(mask: Tensor) -> Tensor:
+    """mask[i + 1] at i: the rows whose logits predict the masked positions (Dream)."""
+    out = torch.zeros_like(mask)
+    out[:, :-1] = mask[:, 1:]
+    return out

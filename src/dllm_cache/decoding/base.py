@@ -20,6 +20,7 @@ class Commit:
 
 class Decoder(Protocol):
     name: str
+    dynamic: bool  # True: steps per block are as many as needed (>= 1 token each), not a fixed number
 
     def start_block(self, masked: Tensor, steps: int) -> None:
         """A new block begins: masked [B, block_length] bool, `steps` denoising steps to spend on it."""

@@ -14,6 +14,7 @@ ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
 
 class DreamDecoder:
     name = "dream"
+    dynamic = False
 
     def __init__(
         self,

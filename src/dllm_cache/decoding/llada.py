@@ -22,6 +22,7 @@ def tokens_per_step(masked: Tensor, steps: int) -> Tensor:
 
 class LLaDADecoder:
     name = "llada"
+    dynamic = False
 
     def __init__(self, remasking: str = "low_confidence", temperature: float = 0.0) -> None:
         if remasking not in REMASKING:

@@ -1,20 +1,16 @@
-"""Run several cache methods on the same problems in one process and compare them.
-
-A method is written `name` or `name:key=value:key=value` (e.g. `dllm-cache:response_interval=4`).
-"""
+"""Run several methods (cache + decoder, see dllm_cache.methods) on the same problems in one process."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from dllm_cache.cache import make_policy
 from dllm_cache.demo.tasks import generate_problems
 from dllm_cache.engine import GenerationConfig, generate
 from dllm_cache.errors import DllmCacheError
 from dllm_cache.eval.answers import answers_match, extract_answer
+from dllm_cache.methods import parse_method
 from dllm_cache.models.loading import DLLM
 
 # The fixed held-out set: split "test" of the generator with this seed.
@@ -36,21 +32,6 @@ def load_task(task: str, limit: int | None = None) -> list[Problem]:
             for i, p in enumerate(generate_problems(n, "test", TINY_GSM_SEED))
         ]
     raise DllmCacheError(f"unknown task {task!r} (available: tiny-gsm)")
-
-
-def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
-    name, *args = spec.strip().split(":")
-    kwargs: dict[str, Any] = {}
-    for a in args:
-        if "=" not in a:
-            raise DllmCacheError(f"method {spec!r}: expected key=value after ':', got {a!r}")
-        k, v = a.split("=", 1)
-        try:
-            kwargs[k] = json.loads(v)
-        except json.JSONDecodeError:
-            kwargs[k] = v
-    make_policy(name, **kwargs)  # validate now, before any work is done
-    return name, kwargs
 
 
 @dataclass
@@ -79,12 +60,13 @@ def run_method(
     batch_size: int,
     on_batch: Callable[[int], None] | None = None,
 ) -> tuple[MethodResult, list[dict[str, Any]]]:
-    name, kwargs = parse_method(method)
+    m = parse_method(method)
+    method_config = replace(config, **m.overrides)
     rows, correct, wall, generated, nfe, flops = [], 0, 0.0, 0, 0, 0.0
     pos_layers = pos_total = 0.0
     for start in range(0, len(problems), batch_size):
         batch = problems[start : start + batch_size]
-        out = generate(llm, [p.prompt for p in batch], config, cache=make_policy(name, **kwargs))
+        out = generate(llm, [p.prompt for p in batch], method_config, cache=m.policy())
         s = out.stats
         wall += s.wall_time_s
         generated += s.generated_tokens
@@ -112,7 +94,7 @@ def run_method(
     return (
         MethodResult(
             method=method,
-            cache_args=kwargs,
+            cache_args={"cache": m.cache, **m.cache_args, **m.overrides},
             n=n,
             correct=correct,
             accuracy=correct / n,

@@ -299,11 +299,13 @@ class Transformer(nn.Module):
             where = torch.full((B, L), -1, dtype=torch.long, device=h.device)
             where.scatter_(1, rows, torch.arange(rows.shape[1], device=h.device).expand(B, -1))
             logit_rows = where.gather(1, logit_rows)
-            if (logit_rows < 0).any():
-                raise RuntimeError("cache policy left a row the decoder needs inactive")
-        stats.flops += 2 * cfg.d_model * cfg.vocab_size * logit_rows.numel()
-        out = self.final_norm(gather_rows(h, logit_rows))
-        return self.lm_head(out).float()
+        # Rows the policy skipped have no features: their logits are NaN (the decoder may only
+        # need the masked ones; the engine checks that those were computed).
+        skipped = logit_rows < 0
+        stats.flops += 2 * cfg.d_model * cfg.vocab_size * int((~skipped).sum())
+        out = self.final_norm(gather_rows(h, logit_rows.clamp(min=0)))
+        logits = self.lm_head(out).float()
+        return logits.masked_fill(skipped[..., None], float("nan")) if skipped.any() else logits
 
     def _count(self, stats: ForwardStats, B: int, k: int, L: int) -> None:
         cfg = self.config

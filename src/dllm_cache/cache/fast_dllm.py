@@ -1,0 +1,68 @@
+"""Fast-dLLM's approximate block KV cache: `prefix` and `dual`.
+
+At the first step of every block all rows are computed and their K, V stored. At the block's other
+steps only some rows run through the network (the same rows at every layer); the rest are skipped and
+read from the cache:
+- prefix: the current block and everything after it (the masked suffix) are active; the prefix
+  (prompt + earlier blocks) is served from the cache;
+- dual: only the current block is active; prefix and suffix K, V come from the block's first step.
+For Dream the row before the block (which predicts its first position) is active too.
+`refresh_interval` adds full refreshes inside a block every that many steps (1 = every step: exact).
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from dllm_cache.cache.base import StepState, column_range
+from dllm_cache.errors import GenerationError
+from dllm_cache.models.transformer import LayerView
+
+MODES = ("prefix", "dual")
+
+
+class FastDLLMCache:
+    per_layer = False
+    uses_cache = True
+
+    def __init__(self, mode: str = "dual", refresh_interval: int = 0) -> None:
+        if mode not in MODES:
+            raise GenerationError(f"fast-dllm: unknown mode {mode!r} (choose {', '.join(MODES)})")
+        try:
+            self.refresh_interval = int(refresh_interval)
+        except (TypeError, ValueError):
+            raise GenerationError(
+                f"{mode}: refresh_interval must be an integer, got {refresh_interval!r}"
+            ) from None
+        if self.refresh_interval < 0:
+            raise GenerationError(f"{mode}: refresh_interval must be >= 0 (0 = only at block starts)")
+        self.mode = mode
+        self.name = mode
+
+    def describe(self) -> dict:
+        return {"name": self.name, "refresh_interval": self.refresh_interval}
+
+    def begin_step(self, state: StepState) -> Tensor | None:
+        s = state.step_in_block
+        if s == 0 or (self.refresh_interval and s % self.refresh_interval == 0):
+            return None
+        B, device = state.masked.shape[0], state.masked.device
+        start = state.block_start - (1 if state.shift else 0)
+        end = state.seq_len if self.mode == "prefix" else state.block_end
+        return column_range(B, start, end, device)
+
+    def select(self, layer: int, view: LayerView) -> Tensor | None:
+        return None
+
+    def end_step(self, state: StepState) -> None:
+        pass
+
+
+class PrefixCache(FastDLLMCache):
+    def __init__(self, refresh_interval: int = 0) -> None:
+        super().__init__("prefix", refresh_interval)
+
+
+class DualCache(FastDLLMCache):
+    def __init__(self, refresh_interval: int = 0) -> None:
+        super().__init__("dual", refresh_interval)

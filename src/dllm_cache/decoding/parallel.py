@@ -1,0 +1,106 @@
+"""Parallel decoding: commit as many confident tokens per step as the rule allows (Fast-dLLM), and
+early answer commit (Prophet). Work with every cache policy and both families."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from dllm_cache.decoding.base import Commit, Decoder
+from dllm_cache.decoding.sampling import gumbel_argmax
+from dllm_cache.errors import GenerationError
+
+
+def candidates(
+    logits: Tensor, temperature: float, generator: torch.Generator
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Candidate tokens, their probability (float64) and the full probability rows."""
+    tokens = gumbel_argmax(logits, temperature, generator)
+    probs = logits.to(torch.float64).softmax(-1)
+    return tokens, probs.gather(-1, tokens[..., None]).squeeze(-1), probs
+
+
+def _at_least_one(commit: Tensor, conf: Tensor, masked: Tensor) -> Tensor:
+    """Rows that still have masks commit at least their most confident position."""
+    best = torch.zeros_like(commit).scatter(1, conf.argmax(1, keepdim=True), True)
+    return (commit | (best & ~commit.any(1, keepdim=True))) & masked
+
+
+class ThresholdDecoder:
+    """Commit every masked position of the block whose confidence exceeds `threshold` (at least one)."""
+
+    name = "threshold"
+    dynamic = True
+
+    def __init__(self, threshold: float = 0.9, temperature: float = 0.0) -> None:
+        if not threshold > 0:
+            raise GenerationError(f"threshold must be > 0, got {threshold}")
+        self.threshold, self.temperature = float(threshold), temperature
+
+    def start_block(self, masked: Tensor, steps: int) -> None:
+        pass
+
+    def step(self, logits: Tensor, masked: Tensor, step_in_block: int, generator: torch.Generator) -> Commit:
+        tokens, conf, _ = candidates(logits, self.temperature, generator)
+        conf = conf.masked_fill(~masked, float("-inf"))
+        return Commit(_at_least_one((conf > self.threshold) & masked, conf, masked), tokens, conf)
+
+
+class FactorDecoder:
+    """Sort confidences c_1 >= c_2 >= ...; commit the top n for the largest n with
+    c_n >= 1 - factor / (n + 1) (at least one)."""
+
+    name = "factor"
+    dynamic = True
+
+    def __init__(self, factor: float = 1.0, temperature: float = 0.0) -> None:
+        if not factor > 0:
+            raise GenerationError(f"factor must be > 0, got {factor}")
+        self.factor, self.temperature = float(factor), temperature
+
+    def start_block(self, masked: Tensor, steps: int) -> None:
+        pass
+
+    def step(self, logits: Tensor, masked: Tensor, step_in_block: int, generator: torch.Generator) -> Commit:
+        tokens, conf, _ = candidates(logits, self.temperature, generator)
+        conf = conf.masked_fill(~masked, float("-inf"))
+        return Commit(factor_rule(conf, self.factor) & masked, tokens, conf)
+
+
+def factor_rule(conf: Tensor, factor: float) -> Tensor:
+    """[B, N] confidences (-inf where not a candidate) -> bool mask of the positions to commit."""
+    sorted_conf, order = conf.sort(dim=1, descending=True)
+    n = torch.arange(1, conf.shape[1] + 1, device=conf.device, dtype=conf.dtype)
+    ok = sorted_conf >= 1 - factor / (n + 1)
+    # largest n satisfying the rule (at least 1), per row
+    last = torch.where(ok, n, torch.zeros_like(n)).max(dim=1).values.clamp(min=1).long()
+    take = torch.arange(conf.shape[1], device=conf.device)[None, :] < last[:, None]
+    return torch.zeros_like(take).scatter(1, order, take)
+
+
+class EarlyCommit:
+    """Prophet's early answer commit around any decoder: when every masked position of the block has a
+    top-1 minus top-2 probability margin >= `margin`, commit them all (argmax) in this step."""
+
+    def __init__(self, inner: Decoder, margin: float = 0.9) -> None:
+        if not 0 < margin <= 1:
+            raise GenerationError(f"early-commit margin must be in (0, 1], got {margin}")
+        self.inner, self.margin = inner, margin
+        self.name = f"{inner.name}+early-commit"
+        self.dynamic = inner.dynamic
+        self.early_commits = 0
+
+    def start_block(self, masked: Tensor, steps: int) -> None:
+        self.inner.start_block(masked, steps)
+
+    def step(self, logits: Tensor, masked: Tensor, step_in_block: int, generator: torch.Generator) -> Commit:
+        commit = self.inner.step(logits, masked, step_in_block, generator)
+        top2 = logits.to(torch.float64).softmax(-1).topk(2, dim=-1)
+        gap = top2.values[..., 0] - top2.values[..., 1]
+        sure = ((gap >= self.margin) | ~masked).all(1, keepdim=True) & masked.any(1, keepdim=True)
+        if not sure.any():
+            return commit
+        self.early_commits += int(sure.sum())
+        positions = torch.where(sure, masked, commit.positions)
+        tokens = torch.where(sure, top2.indices[..., 0], commit.tokens)
+        return Commit(positions, tokens, commit.confidence)

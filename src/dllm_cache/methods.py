@@ -1,0 +1,88 @@
+"""A *method* = a cache policy + a decoder + generation settings, named or written as a spec.
+
+Spec syntax: `CACHE[:key=value...][+DECODER[:key=value...]]`, e.g. `dllm-cache:response_interval=4`,
+`dual+threshold:threshold=0.8`, `none+factor`; or a preset name (`fast-dllm-dual-parallel`).
+Decoder arguments are GenerationConfig fields (threshold, factor, early_commit_margin, ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from dllm_cache.cache import make_policy
+from dllm_cache.cache.base import CachePolicy
+from dllm_cache.errors import DllmCacheError
+
+DECODERS = ("reference", "threshold", "factor")
+
+
+@dataclass
+class Method:
+    cache: str = "none"
+    cache_args: dict[str, Any] = field(default_factory=dict)
+    overrides: dict[str, Any] = field(
+        default_factory=dict
+    )  # GenerationConfig fields (decoder, block_length...)
+
+    def policy(self) -> CachePolicy:
+        return make_policy(self.cache, **self.cache_args)
+
+
+# The papers' settings (Fast-dLLM: block 32, threshold 0.9; dKV-Cache: refresh every 8 steps).
+PRESETS: dict[str, Method] = {
+    "baseline": Method(),
+    "dllm-cache": Method("dllm-cache"),
+    "fast-dllm-prefix": Method("prefix", overrides={"block_length": 32}),
+    "fast-dllm-dual": Method("dual", overrides={"block_length": 32}),
+    "fast-dllm-parallel": Method(overrides={"block_length": 32, "decoder": "threshold", "threshold": 0.9}),
+    "fast-dllm-prefix-parallel": Method(
+        "prefix", overrides={"block_length": 32, "decoder": "threshold", "threshold": 0.9}
+    ),
+    "fast-dllm-dual-parallel": Method(
+        "dual", overrides={"block_length": 32, "decoder": "threshold", "threshold": 0.9}
+    ),
+    "dkv-decode": Method("dkv", {"variant": "decode", "refresh_interval": 8}),
+    "dkv-prefill": Method("dkv", {"variant": "prefill"}),
+    "dkv-greedy": Method("dkv", {"variant": "greedy", "refresh_interval": 8}),
+}
+
+
+def _kv(spec: str, items: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for a in items:
+        if "=" not in a:
+            raise DllmCacheError(f"method {spec!r}: expected key=value after ':', got {a!r}")
+        k, v = a.split("=", 1)
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+def parse_method(spec: str) -> Method:
+    """Parse and validate a method spec (errors name the bad part)."""
+    from dllm_cache.engine import GenerationConfig
+
+    spec = spec.strip()
+    if spec in PRESETS:
+        return dataclasses.replace(PRESETS[spec])
+    cache_part, _, decoder_part = spec.partition("+")
+    name, *cache_items = cache_part.split(":")
+    method = Method(name, _kv(spec, cache_items))
+    if decoder_part:
+        decoder, *dec_items = decoder_part.split(":")
+        if decoder not in DECODERS:
+            raise DllmCacheError(
+                f"method {spec!r}: unknown decoder {decoder!r} (choose {', '.join(DECODERS)})"
+            )
+        method.overrides = {"decoder": decoder, **_kv(spec, dec_items)}
+        fields = {f.name for f in dataclasses.fields(GenerationConfig)}
+        for k in method.overrides:
+            if k not in fields:
+                raise DllmCacheError(f"method {spec!r}: unknown decoder argument {k!r}")
+    method.policy()  # validates the cache name and its arguments now, before any work
+    return method

@@ -1,0 +1,1 @@
+"""OpenAI-compatible server (optional extra: pip install 'dllm-cache[serve]')."""
