@@ -241,7 +241,7 @@ def train_demo(
     out: Annotated[Path | None, typer.Option(help="output directory (default: ./tiny-ARCH)")] = None,
     steps: int = 1500,
     batch_size: int = 64,
-    lr: float = 1e-3,
+    lr: float = 1.5e-3,
     layers: int = 4,
     d_model: int = 256,
     heads: int = 4,

@@ -18,6 +18,7 @@ from torch import Tensor
 from dllm_cache.cache import make_policy
 from dllm_cache.cache.base import CachePolicy, FeatureCache, StepState, column_range
 from dllm_cache.decoding import Decoder, DreamDecoder, LLaDADecoder
+from dllm_cache.decoding.parallel import EarlyCommit, FactorDecoder, ThresholdDecoder
 from dllm_cache.errors import GenerationError
 from dllm_cache.models.loading import DLLM
 from dllm_cache.models.tokenizer import encode_prompt
@@ -101,11 +102,21 @@ class GenerationResult:
 
 
 def default_decoder(llm: DLLM, config: GenerationConfig) -> Decoder:
-    if llm.config.shift_logits:
-        return DreamDecoder(
-            config.alg, config.temperature, config.top_p, config.top_k, config.alg_temp, config.eps
-        )
-    return LLaDADecoder(config.remasking, config.temperature)
+    """The decoder named by config.decoder ("reference": the model family's own sampler)."""
+    decoder: Decoder
+    if config.decoder == "threshold":
+        decoder = ThresholdDecoder(config.threshold, config.temperature)
+    elif config.decoder == "factor":
+        decoder = FactorDecoder(config.factor, config.temperature)
+    elif config.decoder != "reference":
+        raise GenerationError(f"unknown decoder {config.decoder!r} (choose reference, threshold, factor)")
+    elif llm.config.shift_logits:
+        decoder = DreamDecoder(config.alg, config.temperature, config.top_p, config.top_k, config.alg_temp, config.eps)
+    else:
+        decoder = LLaDADecoder(config.remasking, config.temperature)
+    if config.early_commit_margin is not None:
+        decoder = EarlyCommit(decoder, config.early_commit_margin)
+    return decoder
 
 
 def _check_config(llm: DLLM, config: GenerationConfig, prompt_len: int) -> tuple[int, int, int]:
@@ -168,7 +179,7 @@ def generate(
     config: GenerationConfig | None = None,
     *,
     cache: str | CachePolicy = "none",
-    decoder: Decoder | None = None,
+    decoder: Decoder | str | None = None,
     progress: Callable[[int, int], None] | None = None,
     on_step: Callable[[StepEvent], None] | None = None,
     **overrides: Any,
@@ -179,6 +190,8 @@ def generate(
     an exception raised by on_step aborts the generation.
     """
     config = replace(config or GenerationConfig(), **overrides)
+    if isinstance(decoder, str):  # a decoder by name: reference | threshold | factor
+        config, decoder = replace(config, decoder=decoder), None
     model, cfg = llm.model, llm.config
     device = model.device
     ids = encode_prompts(llm, prompts, config.chat)

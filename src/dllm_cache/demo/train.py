@@ -45,10 +45,10 @@ class TrainConfig:
     train_problems: int = 60000
     steps: int = 1200
     batch_size: int = 64
-    lr: float = 1e-3
+    lr: float = 1.5e-3
     warmup: int = 50
     weight_decay: float = 0.01
-    answer_lengths: tuple[int, ...] = (32, 32, 64, 128)
+    answer_lengths: tuple[int, ...] = (32, 32, 32, 128)
     eps: float = 1e-3
     seed: int = 0
     max_minutes: float | None = None  # training-loop time budget: the cosine schedule ends with it
