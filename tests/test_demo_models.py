@@ -11,7 +11,9 @@ from dllm_cache.eval.runner import compare, load_task
 from dllm_cache.models.loading import CHECKPOINTS_DIR, load
 
 
-@pytest.mark.parametrize("name,arch", [("tiny-llada", "llada"), ("tiny-dream", "dream"), ("tiny-ar", "qwen2")])
+@pytest.mark.parametrize(
+    "name,arch", [("tiny-llada", "llada"), ("tiny-dream", "dream"), ("tiny-ar", "qwen2")]
+)
 def test_shipped_checkpoints_load_by_name(name, arch):
     llm = load(name)
     assert llm.config.arch == arch and llm.path == CHECKPOINTS_DIR / name
@@ -33,5 +35,7 @@ def fifty():
 def test_tiny_llada_solves_tiny_gsm(fifty):
     """Uncached baseline, gen 128, block 32, one token per step: at least 40 of 50 held-out problems."""
     llm = load("tiny-llada")
-    (none,), _ = compare(llm, fifty, ["none"], GenerationConfig(gen_length=128, block_length=32), batch_size=50)
+    (none,), _ = compare(
+        llm, fifty, ["none"], GenerationConfig(gen_length=128, block_length=32), batch_size=50
+    )
     assert none.correct >= 40, f"{none.correct}/50"

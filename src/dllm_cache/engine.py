@@ -111,7 +111,9 @@ def default_decoder(llm: DLLM, config: GenerationConfig) -> Decoder:
     elif config.decoder != "reference":
         raise GenerationError(f"unknown decoder {config.decoder!r} (choose reference, threshold, factor)")
     elif llm.config.shift_logits:
-        decoder = DreamDecoder(config.alg, config.temperature, config.top_p, config.top_k, config.alg_temp, config.eps)
+        decoder = DreamDecoder(
+            config.alg, config.temperature, config.top_p, config.top_k, config.alg_temp, config.eps
+        )
     else:
         decoder = LLaDADecoder(config.remasking, config.temperature)
     if config.early_commit_margin is not None:

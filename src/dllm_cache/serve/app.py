@@ -12,6 +12,7 @@ import asyncio
 import json
 import time
 import uuid
+from contextlib import asynccontextmanager
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
@@ -92,15 +93,17 @@ def create_app(
     api_key: str | None = None,
     default_max_tokens: int = 128,
 ) -> FastAPI:
-    app = FastAPI(title="dllm-cache", version="0.1.0")
     scheduler = Scheduler(llm, max_batch_size=max_batch_size, max_queue=max_queue)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        scheduler.close()
+
+    app = FastAPI(title="dllm-cache", version="0.1.0", lifespan=lifespan)
     app.state.scheduler = scheduler
     default_method = method or Method()
     created = int(time.time())
-
-    @app.on_event("shutdown")
-    def _shutdown() -> None:
-        scheduler.close()
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError) -> JSONResponse:
