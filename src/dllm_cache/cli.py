@@ -248,6 +248,7 @@ def train_demo(
     d_ff: int = 704,
     seed: int = 0,
     max_minutes: Annotated[float | None, typer.Option(help="stop when the wall clock runs out")] = None,
+    init_from: Annotated[Path | None, typer.Option(help="warm start from a checkpoint of the same shape")] = None,
     device: DeviceOpt = "auto",
 ) -> None:
     """Train a demo model (tiny-llada, tiny-dream or tiny-ar) on tiny GSM and write an HF checkpoint."""
@@ -267,6 +268,7 @@ def train_demo(
             d_ff=d_ff,
             seed=seed,
             max_minutes=max_minutes,
+            init_from=str(init_from) if init_from else None,
         )
         dev = resolve_device(device)
         if dev == "cpu":

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from dllm_cache.demo.tasks import generate_problems, training_corpus
 from dllm_cache.demo.tokenizer import save_tokenizer, special_token_ids, train_tokenizer
 from dllm_cache.errors import DllmCacheError
-from dllm_cache.models.loading import save_checkpoint
+from dllm_cache.models.loading import load_model, save_checkpoint
 from dllm_cache.models.random_init import init_weights
 from dllm_cache.models.tokenizer import encode_prompt
 from dllm_cache.models.transformer import ModelConfig, Transformer
@@ -51,6 +51,7 @@ class TrainConfig:
     answer_lengths: tuple[int, ...] = (32, 32, 32, 128)
     eps: float = 1e-3
     seed: int = 0
+    init_from: str | None = None  # continue from a checkpoint of the same shape (warm start)
     max_minutes: float | None = None  # training-loop time budget: the cosine schedule ends with it
     log_every: int = 10
     extra: dict = field(default_factory=dict)
@@ -157,6 +158,12 @@ def train(
     mcfg = model_config(cfg, tok)
     examples = Examples(tok, problems, family_of(cfg.arch), max(cfg.answer_lengths))
     model = init_weights(Transformer(mcfg), seed=cfg.seed).to(device)
+    if cfg.init_from:
+        start = load_model(cfg.init_from, dtype=torch.float32)
+        if start.config != mcfg:
+            raise DllmCacheError(f"--init-from {cfg.init_from}: its config differs from this run's model")
+        model.load_state_dict(start.state_dict())
+        model.requires_grad_(True)
     model.train()
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
