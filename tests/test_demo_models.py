@@ -39,7 +39,9 @@ def test_tiny_llada_on_tiny_gsm(fifty):
     stop, not yet the arithmetic. The bar of the demo-models issue (>= 40 of 50) applies once it is
     retrained; this pins what the shipped checkpoint does (measured: 2/50, format in 49-50/50)."""
     llm = load("tiny-llada")
-    (none,), rows = compare(llm, fifty, ["none"], GenerationConfig(gen_length=128, block_length=32), batch_size=50)
+    (none,), rows = compare(
+        llm, fifty, ["none"], GenerationConfig(gen_length=128, block_length=32), batch_size=50
+    )
     assert none.correct >= 2, f"{none.correct}/50"
     assert sum("####" in r["text"] for r in rows) >= 45
     assert none.nfe_per_problem <= 32  # every answer ends within the first block (early stop)

@@ -248,7 +248,9 @@ def train_demo(
     d_ff: int = 704,
     seed: int = 0,
     max_minutes: Annotated[float | None, typer.Option(help="stop when the wall clock runs out")] = None,
-    init_from: Annotated[Path | None, typer.Option(help="warm start from a checkpoint of the same shape")] = None,
+    init_from: Annotated[
+        Path | None, typer.Option(help="warm start from a checkpoint of the same shape")
+    ] = None,
     device: DeviceOpt = "auto",
 ) -> None:
     """Train a demo model (tiny-llada, tiny-dream or tiny-ar) on tiny GSM and write an HF checkpoint."""
