@@ -26,45 +26,54 @@ def _at_least_one(commit: Tensor, conf: Tensor, masked: Tensor) -> Tensor:
     return (commit | (best & ~commit.any(1, keepdim=True))) & masked
 
 
-class ThresholdDecoder:
+class _ConfidenceRule:
+    """Parallel decoders: candidate tokens by (Gumbel-)argmax, then a rule on their confidences
+    decides how many masked positions of the block to commit this step."""
+
+    name = "parallel"
+    dynamic = True
+    temperature = 0.0
+
+    def start_block(self, masked: Tensor, steps: int) -> None:
+        pass
+
+    def rule(self, conf: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def step(self, logits: Tensor, masked: Tensor, step_in_block: int, generator: torch.Generator) -> Commit:
+        tokens, conf, _ = candidates(logits, self.temperature, generator)
+        conf = conf.masked_fill(~masked, float("-inf"))
+        return Commit(self.rule(conf) & masked, tokens, conf)
+
+
+class ThresholdDecoder(_ConfidenceRule):
     """Commit every masked position of the block whose confidence exceeds `threshold` (at least one)."""
 
     name = "threshold"
-    dynamic = True
 
     def __init__(self, threshold: float = 0.9, temperature: float = 0.0) -> None:
         if not threshold > 0:
             raise GenerationError(f"threshold must be > 0, got {threshold}")
         self.threshold, self.temperature = float(threshold), temperature
 
-    def start_block(self, masked: Tensor, steps: int) -> None:
-        pass
-
-    def step(self, logits: Tensor, masked: Tensor, step_in_block: int, generator: torch.Generator) -> Commit:
-        tokens, conf, _ = candidates(logits, self.temperature, generator)
-        conf = conf.masked_fill(~masked, float("-inf"))
-        return Commit(_at_least_one((conf > self.threshold) & masked, conf, masked), tokens, conf)
+    def rule(self, conf: Tensor) -> Tensor:
+        masked = conf > float("-inf")
+        return _at_least_one((conf > self.threshold) & masked, conf, masked)
 
 
-class FactorDecoder:
+class FactorDecoder(_ConfidenceRule):
     """Sort confidences c_1 >= c_2 >= ...; commit the top n for the largest n with
     c_n >= 1 - factor / (n + 1) (at least one)."""
 
     name = "factor"
-    dynamic = True
 
     def __init__(self, factor: float = 1.0, temperature: float = 0.0) -> None:
         if not factor > 0:
             raise GenerationError(f"factor must be > 0, got {factor}")
         self.factor, self.temperature = float(factor), temperature
 
-    def start_block(self, masked: Tensor, steps: int) -> None:
-        pass
-
-    def step(self, logits: Tensor, masked: Tensor, step_in_block: int, generator: torch.Generator) -> Commit:
-        tokens, conf, _ = candidates(logits, self.temperature, generator)
-        conf = conf.masked_fill(~masked, float("-inf"))
-        return Commit(factor_rule(conf, self.factor) & masked, tokens, conf)
+    def rule(self, conf: Tensor) -> Tensor:
+        return factor_rule(conf, self.factor)
 
 
 def factor_rule(conf: Tensor, factor: float) -> Tensor:
