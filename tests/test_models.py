@@ -154,3 +154,20 @@ def test_dream_is_loaded_as_shifted(dream):
 
 def test_as_llm_roundtrip(llada_dir):
     assert as_llm(llada_dir).model.config.arch == "llada"
+
+
+def test_real_dream_tokenizer_files_load():
+    """Dream ships vocab.json + merges.txt with a custom class name: loaded as Qwen2's byte-level BPE."""
+    from dllm_cache.models.tokenizer import encode_prompt, end_token_ids, load_tokenizer
+
+    path = SHARED / "tokenizers" / "dream-v0-instruct-7b"
+    tok = load_tokenizer(path)
+    cfg = read_config(path)
+    assert tok.convert_tokens_to_ids(["<|mask|>", "<|endoftext|>", "<|im_end|>"]) == [151666, 151643, 151645]
+    assert end_token_ids(cfg, tok) == [151643, 151645]
+    ids = encode_prompt(tok, "Hi there")
+    assert tok.decode(ids) == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+    assert ids[:1] == [151644]
