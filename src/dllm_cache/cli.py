@@ -31,7 +31,7 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except DllmCacheError as e:
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False)
+        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
 
 
