@@ -236,3 +236,13 @@ def test_api_key_and_full_queue(llm):
             assert first.result().status_code == 200
     finally:
         s.stop()
+
+
+def test_stop_sequences_cut_the_answer(client, llm):
+    full = generate(llm, "Tom has 3 apples.", gen_length=GEN, chat=False).text
+    assert len(full) > 4
+    stop = full[2:4]
+    r = client.completions.create(model="tiny", prompt="Tom has 3 apples.", max_tokens=GEN, stop=[stop])
+    assert r.choices[0].text == full[: full.index(stop)] and r.choices[0].finish_reason == "stop"
+    with pytest.raises(openai.BadRequestError, match="only n=1"):
+        client.completions.create(model="tiny", prompt="x", max_tokens=GEN, n=2)
