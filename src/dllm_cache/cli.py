@@ -255,8 +255,6 @@ def train_demo(
 ) -> None:
     """Train a demo model (tiny-llada, tiny-dream or tiny-ar) on tiny GSM and write an HF checkpoint."""
     with user_errors():
-        import torch
-
         from dllm_cache.demo.train import TrainConfig, train
 
         cfg = TrainConfig(
@@ -273,8 +271,6 @@ def train_demo(
             init_from=str(init_from) if init_from else None,
         )
         dev = resolve_device(device)
-        if dev == "cpu":
-            torch.set_num_threads(max(1, torch.get_num_threads()))
         summary = train(
             cfg, out or Path(f"tiny-{arch}"), device=dev, log=lambda m: err_console.print(m, highlight=False)
         )

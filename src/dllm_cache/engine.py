@@ -58,6 +58,7 @@ class GenerationStats:
     generated_tokens: int  # non-pad, non-EOS answer tokens
     tokens_per_s: float
     position_layers: int  # rows x layers actually recomputed
+    position_layers_total: int  # rows x layers uncached forwards would have computed
     recompute_fraction: float  # of what uncached forwards would have computed
     flops: float  # estimated from the shapes computed
     peak_memory_bytes: int
@@ -343,6 +344,7 @@ def _result(
         generated_tokens=generated,
         tokens_per_s=generated / wall if wall > 0 else 0.0,
         position_layers=fstats.position_layers,
+        position_layers_total=fstats.position_layers_total,
         recompute_fraction=fstats.position_layers / total,
         flops=fstats.flops,
         peak_memory_bytes=_peak_memory(x.device),

@@ -73,7 +73,7 @@ def run_method(
         nfe += s.nfe * len(batch)
         flops += s.flops
         pos_layers += s.position_layers
-        pos_total += s.position_layers / s.recompute_fraction if s.recompute_fraction else 0
+        pos_total += s.position_layers_total
         for p, text in zip(batch, out.texts, strict=True):
             pred = extract_answer(text)
             ok = answers_match(pred, p.gold)

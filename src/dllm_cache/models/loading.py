@@ -43,6 +43,11 @@ def _family(model_type: str | None):
     raise ModelLoadError(f"unknown model_type {model_type!r} in config.json (supported: {known})")
 
 
+def family_of(cfg: ModelConfig):
+    """The family module (config fields, weight names) of a parsed config."""
+    return llada if cfg.arch == "llada" else dream
+
+
 def resolve_model_dir(name_or_path: str | Path) -> Path:
     """A directory path, or the name of a checkpoint shipped inside the package (e.g. tiny-llada)."""
     path = Path(name_or_path).expanduser()
@@ -112,7 +117,7 @@ def load_model(
     cfg = read_config(model_dir)
     device = torch.device(device)
     dtype = resolve_dtype(dtype, device)
-    family = _family({"llada": "llada", "dream": "Dream", "qwen2": "qwen2"}[cfg.arch])
+    family = family_of(cfg)
     names = family.weight_names(cfg)
     files = _weight_files(model_dir)
     theirs = set(names.values())
@@ -172,7 +177,7 @@ def save_checkpoint(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = model.config
-    family = llada if cfg.arch == "llada" else dream
+    family = family_of(cfg)
     raw = family.hf_config(cfg)
     dtype = dtype or model.dtype
     raw["torch_dtype"] = str(dtype).removeprefix("torch.")

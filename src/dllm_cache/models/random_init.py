@@ -47,14 +47,12 @@ def tiny_config(
 
 
 def init_weights(model: Transformer, seed: int = 0, std: float = 0.02) -> Transformer:
-    """Normal(0, std) matrices, unit norms, zero biases; deterministic per seed."""
+    """Normal(0, std) matrices and biases, unit norms; deterministic per seed."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
-            elif name.endswith(".bias"):
-                p.normal_(0.0, std, generator=gen)
             else:
                 p.normal_(0.0, std, generator=gen)
     return model

@@ -228,7 +228,7 @@ class Scheduler:
             m.generation_seconds += s.wall_time_s
             m.nfe += s.nfe
             m.position_layers += s.position_layers
-            m.position_layers_total += s.position_layers / s.recompute_fraction if s.recompute_fraction else 0
+            m.position_layers_total += s.position_layers_total
         tok = self.llm.tokenizer
         for row, job in enumerate(batch):
             tokens = out.tokens[row][: job.max_tokens]
