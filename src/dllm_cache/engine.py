@@ -5,6 +5,7 @@ generate(llm, prompts, config, cache=..., decoder=...) -> GenerationResult
 
 from __future__ import annotations
 
+import functools
 import resource
 import sys
 import time
@@ -18,9 +19,11 @@ from torch import Tensor
 from dllm_cache.cache import make_policy
 from dllm_cache.cache.base import CachePolicy, FeatureCache, StepState, column_range
 from dllm_cache.decoding import Decoder, DreamDecoder, LLaDADecoder
+from dllm_cache.decoding.certainty import CertaintyPriorDecoder
+from dllm_cache.decoding.guided import GenerationContext, GuidedDecoder
 from dllm_cache.decoding.parallel import EarlyCommit, FactorDecoder, ThresholdDecoder
 from dllm_cache.errors import GenerationError
-from dllm_cache.models.loading import DLLM
+from dllm_cache.models.loading import DLLM, load
 from dllm_cache.models.tokenizer import encode_prompt
 from dllm_cache.models.transformer import ForwardStats
 
@@ -42,9 +45,12 @@ class GenerationConfig:
     cfg_scale: float = 0.0
     seed: int = 0
     early_stop: bool = True
-    decoder: str = "reference"  # reference (the family's sampler) | threshold | factor
+    decoder: str = "reference"  # reference (the family's sampler) | threshold | factor | certainty | guided
     threshold: float = 0.9  # threshold decoder: commit every position above this confidence
     factor: float = 1.0  # factor decoder
+    certainty_sigma: float = 10.0  # certainty decoder: width of the certainty-density Gaussian
+    guide_model: str | None = None  # guided decoder: the AR verifier (a name or a Qwen2-format dir)
+    agreement: str = "deterministic"  # guided decoder: deterministic | topk_relative
     early_commit_margin: float | None = None  # Prophet: commit all when every top1-top2 gap >= this
     chat: bool = True  # wrap text prompts in the tokenizer's chat template
     record_steps: bool = False
@@ -63,6 +69,8 @@ class GenerationStats:
     flops: float  # estimated from the shapes computed
     peak_memory_bytes: int
     cache_bytes: int
+    guide_nfe: int = 0  # guided decoding: forward passes of the AR verifier (not in nfe)
+    guide_flops: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -102,6 +110,9 @@ class GenerationResult:
         return self.texts[0]
 
 
+DECODERS = ("reference", "threshold", "factor", "certainty", "guided")
+
+
 def default_decoder(llm: DLLM, config: GenerationConfig) -> Decoder:
     """The decoder named by config.decoder ("reference": the model family's own sampler)."""
     decoder: Decoder
@@ -109,8 +120,17 @@ def default_decoder(llm: DLLM, config: GenerationConfig) -> Decoder:
         decoder = ThresholdDecoder(config.threshold, config.temperature)
     elif config.decoder == "factor":
         decoder = FactorDecoder(config.factor, config.temperature)
+    elif config.decoder == "certainty":
+        decoder = CertaintyPriorDecoder(config.certainty_sigma, config.temperature)
+    elif config.decoder == "guided":
+        if not config.guide_model:
+            raise GenerationError(
+                "decoder 'guided' needs a guide model (--guide-model tiny-ar or a Qwen2 directory)"
+            )
+        guide = load_guide(config.guide_model, llm.model.device, llm.model.dtype)
+        decoder = GuidedDecoder(guide, config.agreement)
     elif config.decoder != "reference":
-        raise GenerationError(f"unknown decoder {config.decoder!r} (choose reference, threshold, factor)")
+        raise GenerationError(f"unknown decoder {config.decoder!r} (choose {', '.join(DECODERS)})")
     elif llm.config.shift_logits:
         decoder = DreamDecoder(
             config.alg, config.temperature, config.top_p, config.top_k, config.alg_temp, config.eps
@@ -120,6 +140,12 @@ def default_decoder(llm: DLLM, config: GenerationConfig) -> Decoder:
     if config.early_commit_margin is not None:
         decoder = EarlyCommit(decoder, config.early_commit_margin)
     return decoder
+
+
+@functools.lru_cache(maxsize=4)
+def load_guide(name_or_path: str, device: torch.device, dtype: torch.dtype) -> DLLM:
+    """The AR verifier of guided decoding, loaded once per (path, device, dtype)."""
+    return load(name_or_path, dtype=dtype, device=device)
 
 
 def _check_config(llm: DLLM, config: GenerationConfig, prompt_len: int) -> tuple[int, int, int]:
@@ -153,10 +179,7 @@ def _check_config(llm: DLLM, config: GenerationConfig, prompt_len: int) -> tuple
 
 
 def encode_prompts(llm: DLLM, prompts: Prompt | Sequence[Prompt], chat: bool) -> list[list[int]]:
-    if isinstance(prompts, str) or (
-        isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)
-    ):
-        prompts = [prompts]  # type: ignore[list-item]
+    prompts = _as_list(prompts)
     if not prompts:
         raise GenerationError("no prompts given")
     out = []
@@ -203,6 +226,12 @@ def generate(
     policy = make_policy(cache) if isinstance(cache, str) else cache
     decoder = decoder or default_decoder(llm, config)
     mask_id, B, L = cfg.mask_token_id, len(ids), P + G
+    # Combinations that cannot work are rejected before any work.
+    if hasattr(policy, "check_decoder"):
+        policy.check_decoder(decoder, block_len)
+    inner = getattr(decoder, "inner", decoder)  # EarlyCommit wraps a decoder
+    if hasattr(inner, "check_model"):
+        inner.check_model(llm)
 
     x = torch.full((B, L), cfg.pad_token_id, dtype=torch.long, device=device)
     attn = torch.zeros((B, L), dtype=torch.bool, device=device)
@@ -227,6 +256,10 @@ def generate(
     records: list[StepRecord] | None = [] if config.record_steps else None
     just_committed = torch.zeros((rows_total, L), dtype=torch.bool, device=device)
     steps_per_block = steps // n_blocks
+    context = GenerationContext(llm, _as_list(prompts), config.chat, x, P)
+    if hasattr(inner, "begin_generation"):
+        inner.begin_generation(context)
+    observe_confidence = getattr(policy, "observe_confidence", None)
     n = 0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -236,6 +269,7 @@ def generate(
         bs, be = P + blk * block_len, P + (blk + 1) * block_len
         if not (x[:, bs:be] == mask_id).any():
             continue  # every row finished early
+        context.block_start = bs - P
         decoder.start_block(x[:, bs:be] == mask_id, steps_per_block)
         logit_rows = column_range(B, bs - shift, be - shift, device)
         if use_cfg:
@@ -259,10 +293,19 @@ def generate(
                 cond, uncond = logits[:B], logits[B:]
                 logits = uncond + (config.cfg_scale + 1) * (cond - uncond)
             skipped = logits[..., 0].isnan()
+            if observe_confidence is not None:
+                conf = logits.softmax(-1).amax(-1)
+                observe_confidence(logit_rows + shift, torch.cat([conf, conf]) if use_cfg else conf)
             if skipped.any():
                 if (skipped & masked_block).any():
-                    raise RuntimeError(f"cache policy {policy.name!r} skipped a row the decoder needs")
-                logits = logits.nan_to_num(0.0)
+                    # A dynamic decoder commits among the computed masked rows (NaN logits on the
+                    # others, see decoding/base.py); it needs at least one per unfinished row.
+                    ready = (masked_block & ~skipped).any(1) | ~masked_block.any(1)
+                    if not getattr(decoder, "dynamic", False) or not bool(ready.all()):
+                        raise RuntimeError(f"cache policy {policy.name!r} skipped a row the decoder needs")
+                    logits = torch.where((skipped & ~masked_block)[..., None], 0.0, logits)
+                else:
+                    logits = logits.nan_to_num(0.0)
             commit = decoder.step(logits, masked_block, s, generator)
             block_x = x[:, bs:be]
             block_x[commit.positions] = commit.tokens[commit.positions]
@@ -283,7 +326,16 @@ def generate(
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     wall = time.perf_counter() - start
-    return _result(llm, x, P, n, use_cfg, wall, fstats, feature_cache, records, end_ids)
+    guide_stats = getattr(inner, "stats", None)
+    return _result(llm, x, P, n, use_cfg, wall, fstats, feature_cache, records, end_ids, guide_stats)
+
+
+def _as_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
+    if isinstance(prompts, str) or (
+        isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)
+    ):
+        return [prompts]  # type: ignore[list-item]
+    return list(prompts)  # type: ignore[arg-type]
 
 
 def _finish_rows(x: Tensor, P: int, mask_id: int, end_ids: Tensor, eos_id: int) -> Tensor:
@@ -324,6 +376,7 @@ def _result(
     feature_cache: FeatureCache | None,
     records: list[StepRecord] | None,
     end_ids: Tensor,
+    guide_stats: ForwardStats | None = None,
 ) -> GenerationResult:
     answers = x[:, P:].tolist()
     end_set = set(end_ids.tolist())
@@ -349,6 +402,8 @@ def _result(
         flops=fstats.flops,
         peak_memory_bytes=_peak_memory(x.device),
         cache_bytes=feature_cache.nbytes() if feature_cache is not None else 0,
+        guide_nfe=guide_stats.forwards if guide_stats is not None else 0,
+        guide_flops=guide_stats.flops if guide_stats is not None else 0.0,
     )
     return GenerationResult(tokens, texts, x.cpu(), P, stats, records)
 

@@ -16,8 +16,6 @@ from dllm_cache.cache import make_policy
 from dllm_cache.cache.base import CachePolicy
 from dllm_cache.errors import DllmCacheError
 
-DECODERS = ("reference", "threshold", "factor")
-
 
 @dataclass
 class Method:
@@ -47,6 +45,14 @@ PRESETS: dict[str, Method] = {
     "dkv-decode": Method("dkv", {"variant": "decode", "refresh_interval": 8}),
     "dkv-prefill": Method("dkv", {"variant": "prefill"}),
     "dkv-greedy": Method("dkv", {"variant": "greedy", "refresh_interval": 8}),
+    # d2Cache with its certainty-prior decoding; FreeCache and Guided Diffusion with the demo AR guide
+    # (for Dream-7B pass a Qwen2.5-Instruct directory as guide_model).
+    "d2cache": Method("d2cache", overrides={"decoder": "certainty"}),
+    "freecache": Method("freecache", overrides={"block_length": 32}),
+    "guided": Method(overrides={"block_length": 32, "decoder": "guided", "guide_model": "tiny-ar"}),
+    "freecache-guided": Method(
+        "freecache", overrides={"block_length": 32, "decoder": "guided", "guide_model": "tiny-ar"}
+    ),
 }
 
 
@@ -65,7 +71,7 @@ def _kv(spec: str, items: list[str]) -> dict[str, Any]:
 
 def parse_method(spec: str) -> Method:
     """Parse and validate a method spec (errors name the bad part)."""
-    from dllm_cache.engine import GenerationConfig
+    from dllm_cache.engine import DECODERS, GenerationConfig
 
     spec = spec.strip()
     if spec in PRESETS:

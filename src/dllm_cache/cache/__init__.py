@@ -6,9 +6,10 @@ import inspect
 from typing import Any
 
 from dllm_cache.cache.base import CachePolicy, FeatureCache, NoCache, StepState
+from dllm_cache.cache.d2cache import D2Cache
 from dllm_cache.cache.dkv import DKVCache
 from dllm_cache.cache.dllm_cache import DLLMCache
-from dllm_cache.cache.fast_dllm import DualCache, PrefixCache
+from dllm_cache.cache.fast_dllm import DualCache, FreeCache, PrefixCache
 from dllm_cache.errors import GenerationError
 
 POLICIES: dict[str, type] = {
@@ -17,6 +18,8 @@ POLICIES: dict[str, type] = {
     "prefix": PrefixCache,
     "dual": DualCache,
     "dkv": DKVCache,
+    "d2cache": D2Cache,
+    "freecache": FreeCache,
 }
 
 
@@ -37,10 +40,12 @@ def make_policy(name: str, **kwargs: Any) -> CachePolicy:
 __all__ = [
     "POLICIES",
     "CachePolicy",
+    "D2Cache",
     "DKVCache",
     "DLLMCache",
     "DualCache",
     "FeatureCache",
+    "FreeCache",
     "PrefixCache",
     "NoCache",
     "StepState",

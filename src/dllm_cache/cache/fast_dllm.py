@@ -8,6 +8,11 @@ read from the cache:
 - dual: only the current block is active; prefix and suffix K, V come from the block's first step.
 For Dream the row before the block (which predicts its first position) is active too.
 `refresh_interval` adds full refreshes inside a block every that many steps (1 = every step: exact).
+
+FreeCache is the same machinery with a window: the clean rows (prompt and committed blocks) are
+cached from the block's first step, the rows of a sliding window from the block start (`window`
+rows, or exactly the current block with `block_boundary=True`) are recomputed every step, and the
+masked rows beyond the window are not computed (their K, V from the block's first step are read).
 """
 
 from __future__ import annotations
@@ -48,8 +53,11 @@ class FastDLLMCache:
             return None
         B, device = state.masked.shape[0], state.masked.device
         start = state.block_start - (1 if state.shift else 0)
-        end = state.seq_len if self.mode == "prefix" else state.block_end
-        return column_range(B, start, end, device)
+        return column_range(B, start, self.window_end(state), device)
+
+    def window_end(self, state: StepState) -> int:
+        """End (exclusive) of the rows recomputed at the block's other steps."""
+        return state.seq_len if self.mode == "prefix" else state.block_end
 
     def select(self, layer: int, view: LayerView) -> Tensor | None:
         return None
@@ -66,3 +74,28 @@ class PrefixCache(FastDLLMCache):
 class DualCache(FastDLLMCache):
     def __init__(self, refresh_interval: int = 0) -> None:
         super().__init__("dual", refresh_interval)
+
+
+class FreeCache(FastDLLMCache):
+    """FreeCache: clean rows cached, a sliding window recomputed, far-right masked rows skipped."""
+
+    def __init__(self, window: int = 512, block_boundary: bool = False, refresh_interval: int = 0) -> None:
+        super().__init__("prefix", refresh_interval)
+        self.name = "freecache"
+        try:
+            self.window = int(window)
+        except (TypeError, ValueError):
+            raise GenerationError(f"freecache: window must be an integer, got {window!r}") from None
+        if self.window < 1:
+            raise GenerationError(f"freecache: window must be >= 1, got {self.window}")
+        if not isinstance(block_boundary, bool):
+            raise GenerationError(f"freecache: block_boundary must be true or false, got {block_boundary!r}")
+        self.block_boundary = block_boundary
+
+    def describe(self) -> dict:
+        return {**super().describe(), "window": self.window, "block_boundary": self.block_boundary}
+
+    def window_end(self, state: StepState) -> int:
+        if self.block_boundary:
+            return state.block_end
+        return min(state.seq_len, max(state.block_end, state.block_start + self.window))

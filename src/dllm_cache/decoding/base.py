@@ -27,7 +27,10 @@ class Decoder(Protocol):
         ...
 
     def step(self, logits: Tensor, masked: Tensor, step_in_block: int, generator: torch.Generator) -> Commit:
-        """logits [B, block_length, V] fp32 for the block's positions (already shifted for Dream)."""
+        """logits [B, block_length, V] fp32 for the block's positions (already shifted for Dream).
+
+        A dynamic decoder may receive NaN logits on masked positions a cache did not compute this
+        step (see `computed`); it must commit at least one computed masked position per row."""
         ...
 
 
@@ -36,3 +39,9 @@ def top_k_per_row(scores: Tensor, k: Tensor) -> Tensor:
     order = scores.argsort(dim=1, descending=True, stable=True)
     ranks = torch.arange(scores.shape[1], device=scores.device).expand_as(scores) < k[:, None]
     return torch.zeros_like(ranks).scatter(1, order, ranks)
+
+
+def computed(logits: Tensor) -> Tensor:
+    """[B, N] bool: positions whose logits exist. A cache that computes only some masked rows
+    (d2cache) leaves NaN logits on the others; dynamic decoders must not commit those."""
+    return ~logits[..., 0].isnan()

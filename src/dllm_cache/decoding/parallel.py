@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from dllm_cache.decoding.base import Commit, Decoder
+from dllm_cache.decoding.base import Commit, Decoder, computed
 from dllm_cache.decoding.sampling import gumbel_argmax
 from dllm_cache.errors import GenerationError
 
@@ -42,6 +42,7 @@ class _ConfidenceRule:
 
     def step(self, logits: Tensor, masked: Tensor, step_in_block: int, generator: torch.Generator) -> Commit:
         tokens, conf, _ = candidates(logits, self.temperature, generator)
+        masked = masked & computed(logits)  # rows a cache did not compute are not candidates
         conf = conf.masked_fill(~masked, float("-inf"))
         return Commit(self.rule(conf) & masked, tokens, conf)
 

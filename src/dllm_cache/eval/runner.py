@@ -46,6 +46,7 @@ class MethodResult:
     nfe_per_problem: float
     recompute_fraction: float
     flops_per_problem: float
+    guide_nfe_per_problem: float = 0.0  # guided decoding: the AR verifier's forward passes
     speedup: float = 1.0  # wall-clock, vs the first method (normally none)
 
     def to_dict(self) -> dict[str, Any]:
@@ -62,7 +63,7 @@ def run_method(
 ) -> tuple[MethodResult, list[dict[str, Any]]]:
     m = parse_method(method)
     method_config = replace(config, **m.overrides)
-    rows, correct, wall, generated, nfe, flops = [], 0, 0.0, 0, 0, 0.0
+    rows, correct, wall, generated, nfe, flops, guide_nfe = [], 0, 0.0, 0, 0, 0.0, 0
     pos_layers = pos_total = 0.0
     for start in range(0, len(problems), batch_size):
         batch = problems[start : start + batch_size]
@@ -71,7 +72,8 @@ def run_method(
         wall += s.wall_time_s
         generated += s.generated_tokens
         nfe += s.nfe * len(batch)
-        flops += s.flops
+        guide_nfe += s.guide_nfe * len(batch)
+        flops += s.flops + s.guide_flops
         pos_layers += s.position_layers
         pos_total += s.position_layers_total
         for p, text in zip(batch, out.texts, strict=True):
@@ -103,6 +105,7 @@ def run_method(
             nfe_per_problem=nfe / n,
             recompute_fraction=pos_layers / pos_total if pos_total else 1.0,
             flops_per_problem=flops / n,
+            guide_nfe_per_problem=guide_nfe / n,
         ),
         rows,
     )

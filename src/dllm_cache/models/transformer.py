@@ -104,6 +104,14 @@ class Block(nn.Module):
         B, _, k_rows, _ = q.shape
         return self.o_proj(o.transpose(1, 2).reshape(B, k_rows, -1))
 
+    def attention_probs(self, q: Tensor, k: Tensor, mask: Tensor) -> Tensor:
+        """Head-averaged attention probabilities [B, k_rows, L] of queries q over keys k (explicit:
+        SDPA does not return them). Only for policies that look at attention (d2cache)."""
+        if self.n_heads != self.n_kv_heads:
+            k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+        scores = (q.float() @ k.float().transpose(-1, -2)) * self.head_dim**-0.5
+        return scores.masked_fill(~mask, float("-inf")).softmax(-1).mean(1)
+
     def ffn(self, h: Tensor) -> Tensor:
         m = self.ffn_norm(h)
         return self.down_proj(F.silu(self.gate_proj(m)) * self.up_proj(m))
@@ -256,6 +264,8 @@ class Transformer(nn.Module):
             rows = None  # the full residual stream is carried; selection happens per layer
         h = self.embed(gather_rows(input_ids, rows))
         n_rows = L if rows is None else rows.shape[1]
+        # d2cache's attention rollout: probabilities of the active queries, layer by layer.
+        observe = getattr(policy, "observe_attention", None) if not per_layer else None
         cos, sin = gather_rows(layout.cos, rows), gather_rows(layout.sin, rows)
         stats.forwards += 1
         for i, block in enumerate(self.blocks):
@@ -276,7 +286,10 @@ class Transformer(nn.Module):
                 q, k, v = block.qkv(h, cos, sin)
                 scatter_rows(cache.k[i], rows, k, dim=2)
                 scatter_rows(cache.v[i], rows, v, dim=2)
-                h = h + block.attend(q, cache.k[i], cache.v[i], layout.attn_mask(rows))
+                mask = layout.attn_mask(rows)
+                if observe is not None:
+                    observe(i, rows, block.attention_probs(q, cache.k[i], mask))
+                h = h + block.attend(q, cache.k[i], cache.v[i], mask)
                 h = h + block.ffn(h)
                 continue
             # Per-layer selection: recompute the active rows, every row adds this layer's cached

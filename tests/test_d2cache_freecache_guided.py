@@ -1,0 +1,238 @@
+"""d2Cache (+ certainty-prior decoding), FreeCache and Guided Diffusion."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import PROMPTS
+
+from dllm_cache.cache import D2Cache, FreeCache, make_policy
+from dllm_cache.cache.base import StepState
+from dllm_cache.cache.d2cache import inflate, rollout_importance
+from dllm_cache.decoding.certainty import certainty_density
+from dllm_cache.decoding.guided import GuidedDecoder, VocabularyMap
+from dllm_cache.engine import generate
+from dllm_cache.errors import GenerationError
+from dllm_cache.models.loading import DLLM, load
+from dllm_cache.models.tokenizer import encode_prompt, load_tokenizer
+
+KW = dict(gen_length=16, steps=16, block_length=8)
+EVERYTHING = dict(current_k=10_000, rollout_p=1.0)
+
+
+@pytest.mark.parametrize("fixture", ["llada", "dream"])
+@pytest.mark.parametrize("decoder", ["certainty", "threshold", "reference"])
+def test_d2cache_recomputing_everything_reproduces_the_uncached_tokens(fixture, decoder, request):
+    llm = request.getfixturevalue(fixture)
+    kw = dict(KW, decoder=decoder, threshold=0.3)
+    base = generate(llm, PROMPTS, **kw)
+    cached = generate(llm, PROMPTS, cache=D2Cache(**EVERYTHING), **kw)
+    assert torch.equal(base.sequences, cached.sequences)
+    assert cached.stats.recompute_fraction == 1.0
+
+
+@pytest.mark.parametrize("fixture", ["llada", "dream"])
+@pytest.mark.parametrize("block_boundary", [False, True])
+def test_freecache_refreshing_every_step_reproduces_the_uncached_tokens(fixture, block_boundary, request):
+    llm = request.getfixturevalue(fixture)
+    base = generate(llm, PROMPTS, **KW)
+    cached = generate(llm, PROMPTS, cache=FreeCache(block_boundary=block_boundary, refresh_interval=1), **KW)
+    assert torch.equal(base.sequences, cached.sequences)
+
+
+@pytest.mark.parametrize("fixture", ["llada", "dream"])
+@pytest.mark.parametrize("spec", [("d2cache", {"current_k": 4}), ("freecache", {"window": 8})])
+def test_default_settings_skip_rows_and_each_row_is_batch_independent(fixture, spec, request):
+    llm = request.getfixturevalue(fixture)
+    name, args = spec
+    kw = dict(KW, decoder="certainty")
+    batch = generate(llm, PROMPTS, cache=make_policy(name, **args), **kw)
+    assert batch.stats.recompute_fraction < 0.8
+    for b, p in enumerate(PROMPTS):
+        assert generate(llm, [p], cache=make_policy(name, **args), **kw).tokens[0] == batch.tokens[b]
+
+
+def test_freecache_window_rows(llada):
+    """First step of a block: every row; then the window from the block start (capped at the end)."""
+    P, G, B, layers = max(len(p) for p in PROMPTS), 16, len(PROMPTS), llada.config.n_layers
+    for policy, later in [(FreeCache(window=12), [12, 8]), (FreeCache(block_boundary=True), [8, 8])]:
+        out = generate(llada, PROMPTS, cache=policy, gen_length=G, steps=8, block_length=8, early_stop=False)
+        assert out.stats.position_layers == sum((P + G) + 3 * k for k in later) * layers * B
+
+
+def test_certainty_density_edges():
+    sigma = 1.0
+    w = math.ceil(3 * sigma)
+    kern = [math.exp(-(o**2) / 2) for o in range(-w, w + 1)]
+    kern = [k / sum(kern) for k in kern]
+
+    def by_hand(decoded):
+        n = len(decoded)
+        padded = [1.0] * w + [float(d) for d in decoded] + [float(decoded[-1])] * w
+        return [sum(kern[j] * padded[i + j] for j in range(2 * w + 1)) for i in range(n)]
+
+    for decoded in ([0, 0, 0, 0, 0], [1, 0, 0, 0, 1], [0, 1, 0, 0, 0], [1, 1, 1, 1, 1]):
+        got = certainty_density(torch.tensor([decoded], dtype=torch.bool), sigma)[0].tolist()
+        assert got == pytest.approx(by_hand(decoded), abs=1e-12)
+    nothing = certainty_density(torch.zeros(1, 6, dtype=torch.bool), sigma)[0]
+    assert nothing[0] == pytest.approx(sum(kern[:w]))  # the left edge counts as decoded
+    assert bool((nothing[:-1] >= nothing[1:]).all())  # and the right edge does not (last undecoded)
+    assert certainty_density(torch.ones(1, 6, dtype=torch.bool), sigma)[0].tolist() == pytest.approx(
+        [1.0] * 6
+    )
+
+
+def test_rollout_importance_and_nucleus_on_a_constructed_attention_map():
+    # Two layers, every row computed, 4 positions; every query attends mostly to column 2.
+    A = torch.tensor([[0.1, 0.1, 0.7, 0.1]] * 4, dtype=torch.float64)[None]
+    imp = rollout_importance([(None, A), (None, A)], torch.Size((1, 4)))
+    M = 0.5 * A[0] + 0.5 * torch.eye(4, dtype=torch.float64)
+    assert torch.allclose(imp[0], (M @ M).sum(0))
+    # Only rows 1 and 3 computed at the last layer: other rows pass importance through unchanged.
+    rows = torch.tensor([[1, 3]])
+    imp2 = rollout_importance([(None, A), (rows, A[:, [1, 3]])], torch.Size((1, 4)))
+    M_last = torch.eye(4, dtype=torch.float64)
+    M_last[[1, 3]] = M[[1, 3]]
+    start = torch.tensor([0, 1.0, 0, 1.0], dtype=torch.float64)
+    assert torch.allclose(imp2[0], start @ M_last @ M)
+
+    # One layer: importance (0.5 + 0.5 * column sums) / 4 = [0.175, 0.175, 0.475, 0.175].
+    policy = D2Cache(rollout_p=0.4)
+    policy.attention = [(None, A)]
+    masked = torch.zeros(1, 4, dtype=torch.bool)
+    picked = policy._rollout_rows(masked, torch.zeros_like(masked))
+    assert picked.tolist() == [[False, False, True, False]]  # column 2 alone holds >= 40%
+    masked[0, 2] = True  # a masked row is never a rollout candidate
+    assert int(policy._rollout_rows(masked, torch.zeros_like(masked)).sum()) == 2  # 0.175/0.525 each
+    masked[0, 2] = False
+    policy.rollout_p = 0.9
+    assert policy._rollout_rows(masked, torch.zeros_like(masked))[0, 2]
+    assert int(policy._rollout_rows(masked, torch.zeros_like(masked)).sum()) == 4
+
+
+def test_gap_inflation():
+    sel = torch.tensor([[1, 0, 0, 1, 0, 0, 0, 0, 1, 0]], dtype=torch.bool)
+    assert inflate(sel, 2).long().tolist() == [[1, 1, 1, 1, 0, 0, 0, 0, 1, 0]]
+    assert inflate(sel, 4).long().tolist() == [[1, 1, 1, 1, 1, 1, 1, 1, 1, 0]]
+    assert torch.equal(inflate(sel, 0), sel)
+
+
+def test_d2cache_masked_selection_keeps_a_current_block_row_and_shifts_for_dream():
+    B, L, P = 1, 12, 4
+    masked = torch.zeros(B, L, dtype=torch.bool)
+    masked[:, P:] = True
+    state = StepState(1, 1, 0, P, P + 4, P, L, masked, torch.zeros_like(masked), False)
+    policy = D2Cache(current_k=2)
+    policy.confidence = torch.zeros(B, L, dtype=torch.float64)
+    policy.confidence[0, 9] = 0.9  # a confident row beyond the current block
+    chosen = policy._masked_rows(state, masked)
+    # the search stops at the first boundary holding >= 2 masked rows (the block end): rows 4..7
+    assert chosen[0].nonzero().flatten().tolist() == [4, 5]
+    state.shift = True
+    assert policy._masked_rows(state, masked)[0].nonzero().flatten().tolist() == [3, 4, 5]
+
+
+def test_d2cache_needs_a_dynamic_decoder_when_it_skips_masked_rows(llada):
+    with pytest.raises(GenerationError, match="dynamic decoder"):
+        generate(llada, PROMPTS, cache=D2Cache(current_k=4), **KW)
+
+
+@pytest.mark.parametrize(
+    "name,args,msg",
+    [
+        ("d2cache", {"rollout_p": 2}, "rollout_p"),
+        ("d2cache", {"current_k": 0}, "current_k"),
+        ("freecache", {"window": 0}, "window"),
+        ("freecache", {"block_boundary": "yes"}, "block_boundary"),
+    ],
+)
+def test_bad_arguments_are_named(name, args, msg):
+    with pytest.raises(GenerationError, match=msg):
+        make_policy(name, **args)
+
+
+# --- Guided Diffusion, on the shipped demo checkpoints (they share one tokenizer) ----------------
+
+
+@pytest.fixture(scope="module")
+def dream_and_guide():
+    return load("tiny-dream", dtype="float32"), load("tiny-ar", dtype="float32")
+
+
+QUESTIONS = ["Tom has 3 apples. He buys 5 more. How many apples does he have now?", "What is 7 + 8?"]
+
+
+def _ar_greedy(guide: DLLM, prompt: str, n: int) -> list[int]:
+    ids = encode_prompt(guide.tokenizer, prompt)
+    out: list[int] = []
+    for _ in range(n):
+        nxt = int(guide.model(torch.tensor([ids + out]))[0, -1].argmax())
+        out.append(nxt)
+        if nxt in guide.end_token_ids:
+            break
+    return out
+
+
+def test_guided_with_a_verifier_that_always_agrees_commits_each_block_in_one_step(dream_and_guide):
+    llm, guide = dream_and_guide
+    always = GuidedDecoder(guide, agreement=lambda probs, draft: torch.ones_like(draft, dtype=torch.bool))
+    out = generate(llm, QUESTIONS, decoder=always, gen_length=32, block_length=8, early_stop=False)
+    assert out.stats.nfe == 4 and out.stats.guide_nfe == 4  # 4 blocks, one step each
+    # ... and what it commits is the dLLM's own one-step draft of each block
+    block0 = generate(
+        llm, QUESTIONS, gen_length=32, block_length=8, steps=4, decoder="threshold", threshold=1e-12
+    )
+    assert torch.equal(
+        out.sequences[:, : out.prompt_length + 8], block0.sequences[:, : out.prompt_length + 8]
+    )
+
+
+def test_guided_with_a_verifier_that_never_agrees_is_ar_greedy_decoding(dream_and_guide):
+    llm, guide = dream_and_guide
+    never = GuidedDecoder(guide, agreement=lambda probs, draft: torch.zeros_like(draft, dtype=torch.bool))
+    out = generate(llm, QUESTIONS, decoder=never, gen_length=32, block_length=32, record_steps=True)
+    for b, q in enumerate(QUESTIONS):
+        expected = _ar_greedy(guide, q, 32)
+        committed = [rec.positions[b] for rec in out.step_records if rec.positions[b]]
+        # one AR token per step until the answer ends (then early stop fills the rest)
+        assert all(len(c) == 1 for c in committed[: len(expected) - 1])
+        ends = [i for i, t in enumerate(expected) if t in guide.end_token_ids]
+        assert out.tokens[b] == (expected[: ends[0]] if ends else expected)
+    assert out.stats.guide_nfe == out.stats.nfe
+
+
+def test_guided_decoding_by_name_and_with_a_cache(dream_and_guide):
+    llm, _ = dream_and_guide
+    base = generate(llm, QUESTIONS, gen_length=32, block_length=32)
+    out = generate(llm, QUESTIONS, decoder="guided", guide_model="tiny-ar", gen_length=32, block_length=32)
+    assert out.stats.guide_nfe == out.stats.nfe and out.stats.nfe < base.stats.nfe
+    both = generate(
+        llm,
+        QUESTIONS,
+        decoder="guided",
+        guide_model="tiny-ar",
+        cache="freecache",
+        gen_length=32,
+        block_length=32,
+    )
+    assert both.stats.recompute_fraction < 1.0
+    assert all(t for t in both.tokens)
+
+
+def test_guided_rejects_incompatible_models(dream_and_guide, llada):
+    llm, guide = dream_and_guide
+    with pytest.raises(GenerationError, match="not causal"):
+        GuidedDecoder(llm)
+    with pytest.raises(GenerationError, match="needs tokenizers"):
+        generate(llada, PROMPTS, decoder=GuidedDecoder(guide), **KW)
+    from conftest import SHARED
+
+    other = load_tokenizer(SHARED / "tokenizers" / "dream-v0-instruct-7b")
+    with pytest.raises(GenerationError, match="does not share the vocabulary"):
+        VocabularyMap(llm, DLLM(guide.model, other, guide.path))
+    with pytest.raises(GenerationError, match="needs a guide model"):
+        generate(llm, QUESTIONS, decoder="guided", gen_length=32)
+    with pytest.raises(GenerationError, match="agreement"):
+        GuidedDecoder(guide, agreement="sometimes")
