@@ -295,69 +295,140 @@ def train_demo(
 @app.command("eval")
 def eval_cmd(
     model: ModelOpt = "tiny-llada",
-    task: Annotated[str, typer.Option(help="tiny-gsm")] = "tiny-gsm",
+    task: Annotated[str, typer.Option(help="tiny-gsm | gsm8k | math500 | humaneval | mbpp")] = "tiny-gsm",
     cache: Annotated[
         str, typer.Option(help="comma-separated methods, e.g. none,dllm-cache:response_interval=4")
     ] = "none,dllm-cache",
-    limit: Annotated[int | None, typer.Option(help="number of problems (tiny-gsm: default 500)")] = None,
+    limit: Annotated[
+        int | None, typer.Option(help="the first N problems (default: all; tiny-gsm 500)")
+    ] = None,
     batch_size: int = 32,
     gen_length: int = 128,
     steps: int | None = None,
     block_length: int | None = None,
-    output: Annotated[Path | None, typer.Option(help="write per-problem outputs as JSONL")] = None,
+    fewshot: Annotated[
+        int | None,
+        typer.Option(help="N-shot raw prompts (default: 0 with a chat template, else the task's usual)"),
+    ] = None,
+    no_chat: Annotated[
+        bool, typer.Option("--no-chat", help="never use the chat template (base-model prompts)")
+    ] = False,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="evaluation data folder (default: $DLLM_CACHE_DATA or ../shared/data)")
+    ] = None,
+    out_dir: Annotated[
+        Path | None,
+        typer.Option(help="save <method>.jsonl rows + summary.md/json here; a rerun resumes"),
+    ] = None,
+    exec_timeout: Annotated[float, typer.Option(help="code tasks: seconds per test program")] = 10.0,
+    output: Annotated[
+        Path | None, typer.Option(help="also write every method's per-problem rows to one JSONL")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
 ) -> None:
-    """Accuracy and speed of several cache methods on the same problems, in one table."""
-    with user_errors():
-        from dllm_cache.engine import GenerationConfig
-        from dllm_cache.eval.runner import compare, load_task
-        from dllm_cache.methods import parse_method
-        from dllm_cache.models.loading import load
+    """Accuracy and speed of several cache methods on the same problems, in one table.
 
-        methods = [m for m in cache.split(",") if m.strip()]
-        for m in methods:
-            parse_method(m)
-        problems = load_task(task, limit)
-        llm = load(model, dtype=dtype, device=resolve_device(device))
-        config = GenerationConfig(gen_length=gen_length, steps=steps, block_length=block_length)
-        if as_json or not sys.stderr.isatty():
-            results, rows = compare(llm, problems, methods, config, batch_size)
-        else:
-            from rich.progress import Progress
+    Under `torchrun --nproc-per-node N -m dllm_cache.eval ...` the problems are sharded across ranks
+    (rank r takes r, r+N, ...) and rank 0 merges the shards and prints the summary.
+    """
+    from dllm_cache.eval.distributed import init_distributed, shutdown
 
-            with Progress(console=err_console, transient=True) as bar:
-                t = bar.add_task(f"{task}", total=len(problems) * len(methods))
-                results, rows = compare(
-                    llm, problems, methods, config, batch_size, lambda n: bar.advance(t, n)
-                )
-    if output is not None:
-        output.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    if as_json:
-        print(
-            json.dumps(
-                {"model": model, "task": task, "n": len(problems), "results": [r.to_dict() for r in results]}
+    dist = None
+    try:
+        with user_errors():
+            from dllm_cache.engine import GenerationConfig
+            from dllm_cache.eval.suite import EvalSpec, run_eval
+            from dllm_cache.eval.tasks import check_task_data, load_task, resolve_prompting
+            from dllm_cache.methods import parse_method
+            from dllm_cache.models.loading import load
+
+            methods = [m.strip() for m in cache.split(",") if m.strip()]
+            for m in methods:
+                parse_method(m)
+            data = str(data_dir) if data_dir is not None else None
+            check_task_data(task, data)  # a missing file is named before the model loads
+            dist, dev = init_distributed(resolve_device(device))
+            llm = load(model, dtype=dtype, device=dev)
+            chat_model = bool(getattr(llm.tokenizer, "chat_template", None)) and not no_chat
+            shots, chat = resolve_prompting(task, fewshot, chat_model)
+            problems = load_task(
+                task, limit, data_dir=data, fewshot=fewshot, chat=chat_model, exec_timeout_s=exec_timeout
             )
-        )
+            config = GenerationConfig(gen_length=gen_length, steps=steps, block_length=block_length)
+            spec = EvalSpec(model, str(llm.path), task, methods, config, batch_size, shots, chat)
+            with eval_progress(dist.is_main and not as_json and sys.stderr.isatty(), task) as hooks:
+                outcome = run_eval(llm, problems, spec, out_dir, dist, hooks)
+    finally:
+        if dist is not None:
+            shutdown(dist)
+    if outcome is None:  # not rank 0
         return
+    if output is not None:
+        output.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in outcome.rows))
+    if as_json:
+        print(json.dumps(outcome.summary))
+        return
+    from rich import box
     from rich.table import Table
 
-    table = Table(title=f"{task} · {model} · {len(problems)} problems · gen {gen_length}")
-    for col in ("method", "accuracy", "tokens/s", "NFE", "recomputed", "GFLOPs/problem", "speed-up"):
-        table.add_column(col, justify="left" if col == "method" else "right")
-    for r in results:
-        table.add_row(
-            r.method,
-            f"{r.accuracy:.1%} ({r.correct}/{r.n})",
-            f"{r.tokens_per_s:.1f}",
-            f"{r.nfe_per_problem:.1f}"
-            + (f" (+{r.guide_nfe_per_problem:.1f} AR)" if r.guide_nfe_per_problem else ""),
-            f"{r.recompute_fraction:.1%}",
-            f"{r.flops_per_problem / 1e9:.2f}",
-            f"{r.speedup:.2f}x",
-        )
+    from dllm_cache.eval.suite import SHORT_COLUMNS, summary_cells, summary_title
+
+    table = Table(
+        title=summary_title(spec, len(problems)), box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 0, 0, 1)
+    )
+    for col in SHORT_COLUMNS:
+        if col == "method":
+            table.add_column(col, overflow="fold", min_width=10)
+        else:
+            table.add_column(col, justify="right")
+    for r in outcome.results:
+        table.add_row(*summary_cells(r, short=True))
     console.print(table)
+    if out_dir is not None:
+        resumed = sum(r.n for r in outcome.results) - sum(outcome.generated.values())
+        err_console.print(
+            f"[dim]rows and summary.md/json in {out_dir}"
+            + (f" ({resumed} rows reused from an earlier run)" if resumed else "")
+            + "[/]",
+            highlight=False,
+        )
+
+
+@contextmanager
+def eval_progress(enabled: bool, task: str) -> Iterator[Any]:
+    """Hooks driving a progress bar with ETA over the problems left to generate (None when disabled)."""
+    from dllm_cache.eval.suite import Hooks
+
+    if not enabled:
+        yield Hooks()
+        return
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=True,
+    ) as bar:
+        t = bar.add_task(task, total=None)
+        yield Hooks(
+            on_total=lambda n: bar.update(t, total=n),
+            on_method=lambda m: bar.update(t, description=f"{task} · {m}"),
+            on_batch=lambda n: bar.advance(t, n),
+        )
 
 
 @app.command()
