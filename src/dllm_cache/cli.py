@@ -472,3 +472,63 @@ def serve(
         )
     err_console.print(f"serving {model} on http://{host}:{port}/v1 (cache: {method.cache})")
     uvicorn.run(app_, host=host, port=port, log_level="warning")
+
+
+@app.command()
+def bench(
+    config: Annotated[
+        Path | None, typer.Option(help="grid as TOML (default: the shipped bench_default.toml)")
+    ] = None,
+    out_dir: Annotated[Path, typer.Option(help="where bench.md, bench.json and pareto.png go")] = Path(
+        "bench-results"
+    ),
+    limit: Annotated[int | None, typer.Option(help="override the config's problems per task")] = None,
+    device: Annotated[str | None, typer.Option(help="override the config's device")] = None,
+    plot: Annotated[bool, typer.Option(help="write the Pareto plot (needs matplotlib)")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="print the rows as JSON")] = False,
+) -> None:
+    """Every method x model x task of a grid: one table (markdown + JSON) and one Pareto plot."""
+    with user_errors():
+        import dataclasses
+
+        from dllm_cache.eval.bench import (
+            load_config,
+            markdown_table,
+            require_matplotlib,
+            run_bench,
+            validate,
+            write_outputs,
+        )
+
+        cfg = load_config(config)
+        if limit is not None:
+            if limit <= 0:
+                raise DllmCacheError(f"--limit must be positive, got {limit}")
+            cfg = dataclasses.replace(cfg, limit=limit)
+        if device is not None:
+            cfg = dataclasses.replace(cfg, device=device)
+        if plot:
+            require_matplotlib()  # fail now, not after the whole grid has run
+        validate(cfg)
+        log = None if as_json else (lambda m: err_console.print(m, highlight=False))
+        if as_json or not sys.stderr.isatty():
+            result = run_bench(cfg, log=log)
+        else:
+            from rich.progress import Progress
+
+            from dllm_cache.eval.bench import count_problems
+
+            with Progress(console=err_console, transient=True) as bar:
+                t = bar.add_task("bench", total=count_problems(cfg))
+                result = run_bench(cfg, log=log, on_batch=lambda n: bar.advance(t, n))
+        paths = write_outputs(result, out_dir, plot=plot)
+    if as_json:
+        print(
+            json.dumps(
+                {"config": cfg.to_dict(), "rows": result.rows, "files": {k: str(v) for k, v in paths.items()}}
+            )
+        )
+        return
+    console.print(markdown_table(result), highlight=False, markup=False, soft_wrap=True)
+    for kind, path in paths.items():
+        err_console.print(f"[dim]{kind}: {path}[/]", highlight=False)
