@@ -14,7 +14,9 @@ from dllm_cache.demo.tasks import (
     TEST_NAMES,
     TRAIN_NAMES,
     WARMUP_SKILLS,
+    WARMUP_WEIGHTS,
     WORD_FAMILIES,
+    WORD_PROBLEM_FRACTION,
     generate_problems,
     names_corpus,
     training_corpus,
@@ -88,7 +90,9 @@ def test_mix_and_families(train_set):
     families = {p.family for p in train_set}
     assert families == set(WORD_FAMILIES) | set(WARMUP_SKILLS)
     word = sum(p.family in WORD_FAMILIES for p in train_set) / len(train_set)
-    assert 0.65 < word < 0.75
+    assert abs(word - WORD_PROBLEM_FRACTION) < 0.03
+    arith = sum(p.family == "arith" for p in train_set) / len(train_set)
+    assert abs(arith - (1 - WORD_PROBLEM_FRACTION) * WARMUP_WEIGHTS["arith"]) < 0.03
     only_words = generate_problems(200, "train", seed=0, word_problem_fraction=1.0)
     assert all(p.family in WORD_FAMILIES for p in only_words)
 
@@ -294,3 +298,17 @@ def test_names_corpus_makes_names_single_tokens(corpus):
     tok = train_tokenizer(corpus + names_corpus(), "llada", vocab_size=2048)
     for p in TEST_NAMES + TRAIN_NAMES:
         assert len(tok.encode(p.name)) == 1 and len(tok.encode(" " + p.name)) == 1, p.name
+
+
+def test_pseudo_names_are_train_only_and_never_test_names():
+    probs = generate_problems(3000, "train", seed=0, pseudo_name_fraction=0.5)
+    test_names = {p.name for p in TEST_NAMES}
+    words = {w.strip(".,?") for p in probs for w in p.question.split()}
+    assert not words & test_names
+    assert sum(p.question.split()[0] not in {n.name for n in TRAIN_NAMES} for p in probs) > 500
+    # off by default: the stream the tokenizer is trained on does not change
+    assert generate_problems(300, "train", seed=1) == generate_problems(
+        300, "train", seed=1, pseudo_name_fraction=0.0
+    )
+    with pytest.raises(ValueError, match="train split only"):
+        generate_problems(10, "test", seed=0, pseudo_name_fraction=0.5)

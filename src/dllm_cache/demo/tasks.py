@@ -486,6 +486,21 @@ TOKENIZER_MIX = {
 }
 
 
+_SYLLABLES = (
+    "ba be bi bo da de di do fa fe ka ke ki ko la le li lo ma me mi mo na ne ni no pa pe pi po "
+    "ra re ri ro sa se si so ta te ti to va ve vi wa we ya yo za zo ar el in or an en on ul"
+).split()
+_HELD_OUT = {p.name for p in TEST_NAMES} | {p.name for p in TRAIN_NAMES}
+
+
+def _pseudo_person(rng: random.Random) -> _Person:
+    """A made-up name of 2-3 syllables (never a train or test name)."""
+    while True:
+        name = "".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(2, 3))).capitalize()
+        if name not in _HELD_OUT:
+            return _Person(name, rng.choice(("he", "she")))
+
+
 def _is_test_question(question: str) -> bool:
     # A fixed hash (not Python's salted hash()) so the partition is the same in every process.
     return zlib.crc32(question.encode("utf-8")) % 4 == 0
@@ -503,6 +518,7 @@ def generate_problems(
     word_problem_fraction: float = WORD_PROBLEM_FRACTION,
     two_step_fraction: float = 0.25,  # short chains: what a CPU-trained tiny model can learn
     skill_weights: dict[str, float] | None = None,
+    pseudo_name_fraction: float = 0.0,
 ) -> list[Problem]:
     """``n`` tiny-GSM problems of ``split``, a deterministic function of (split, seed).
 
@@ -511,10 +527,17 @@ def generate_problems(
     ``two_step_fraction`` of the word problems take two arithmetic steps. Test
     questions are unique within the split (a fixed held-out set should not count a problem
     twice); train questions may repeat.
+
+    ``pseudo_name_fraction`` (train split only) of the word problems use made-up names built from
+    syllables instead of the train names. The tokenizer splits an unseen name into several pieces;
+    without such names in training a small model learns fixed token offsets and fails on every
+    test problem (whose names are held out). Made-up names never coincide with a test name.
     """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    if not 0.0 <= word_problem_fraction <= 1.0 or not 0.0 <= two_step_fraction <= 1.0:
+    if pseudo_name_fraction and split != "train":
+        raise ValueError("pseudo_name_fraction applies to the train split only")
+    if not all(0.0 <= f <= 1.0 for f in (word_problem_fraction, two_step_fraction, pseudo_name_fraction)):
         raise ValueError("fractions must lie in [0, 1]")
     # String seeds are hashed with SHA-512 by `random`, so this is stable across processes.
     rng = random.Random(f"tiny-gsm/{split}/{seed}")
@@ -537,7 +560,13 @@ def generate_problems(
         if rng.random() < word_problem_fraction:
             family = rng.choice(families)
             two_step = rng.random() < two_step_fraction
-            question, lines, value = WORD_FAMILIES[family](rng, split, names, two_step)
+            people = names
+            # (the rng is drawn from only when enabled, so the default stream stays unchanged)
+            if pseudo_name_fraction and rng.random() < pseudo_name_fraction:
+                people = tuple(_pseudo_person(rng) for _ in range(4))
+                if len({p.name for p in people}) < 2:
+                    continue
+            question, lines, value = WORD_FAMILIES[family](rng, split, people, two_step)
             final = str(value)
             answer = _solution(lines, final)
         else:

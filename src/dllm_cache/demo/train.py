@@ -51,6 +51,7 @@ class TrainConfig:
     # Answers are at most 17 tokens; most batches pad them to 20 (cheap), one in six to 128 so
     # the model also learns to stop and to ignore a long masked tail (generation length 128).
     answer_lengths: tuple[int, ...] = (20, 20, 20, 20, 20, 128)
+    pseudo_name_fraction: float = 0.5  # word problems with made-up names (see demo/tasks.py)
     amp: str = "bf16"  # autocast dtype for the forward ("none": fp32); bf16 is ~1.8x faster on CPU
     eps: float = 1e-3
     seed: int = 0
@@ -68,7 +69,10 @@ def build_tokenizer(cfg: TrainConfig):
     """The BPE tokenizer (trained on a fixed mix, `TOKENIZER_MIX`) and the training problems."""
     corpus = generate_problems(cfg.train_problems, "train", cfg.seed, **TOKENIZER_MIX)
     tok = train_tokenizer(training_corpus(corpus), family_of(cfg.arch), vocab_size=cfg.vocab_size)
-    return tok, generate_problems(cfg.train_problems, "train", cfg.seed)
+    problems = generate_problems(
+        cfg.train_problems, "train", cfg.seed, pseudo_name_fraction=cfg.pseudo_name_fraction
+    )
+    return tok, problems
 
 
 def batch_rows(cfg: TrainConfig, answer_len: int, prompt_len: int = 32) -> int:
