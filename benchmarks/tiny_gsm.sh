@@ -1,13 +1,24 @@
 #!/usr/bin/env bash
-# The quality/speed bars on the demo models (CPU): every method on the same held-out tiny-GSM problems.
-# Usage: bash benchmarks/tiny_gsm.sh [N]   (N problems, default 500); JSON summaries land in runs/.
+# The quality/speed bars on the demo models (CPU): every method on the same held-out tiny-GSM problems,
+# gen 128, block 32, one token per step for the reference decoders. Resumable: each grid writes
+# runs/bench-*/<method>.jsonl + summary.md/json, and a rerun skips finished problems.
+# Usage: bash benchmarks/tiny_gsm.sh [N] [GRID...]   (N problems, default 500; grids: dllm block more)
 set -euo pipefail
 N=${1:-500}
-mkdir -p runs
-dllm-cache eval --model tiny-llada --task tiny-gsm --limit "$N" --cache none,dllm-cache --json \
-    --output runs/tiny-llada-dllmcache.jsonl > runs/tiny-llada-dllmcache.json
-dllm-cache eval --model tiny-dream --task tiny-gsm --limit "$N" --cache none,dllm-cache --json \
-    --output runs/tiny-dream-dllmcache.jsonl > runs/tiny-dream-dllmcache.json
-dllm-cache eval --model tiny-llada --task tiny-gsm --limit "$N" --json \
-    --cache none,fast-dllm-dual,fast-dllm-prefix,dkv-decode,fast-dllm-parallel,fast-dllm-dual-parallel \
-    --output runs/tiny-llada-block.jsonl > runs/tiny-llada-block.json
+shift || true
+GRIDS=${*:-dllm block more}
+COMMON=(--task tiny-gsm --limit "$N" --gen-length 128 --block-length 32 --batch-size 64)
+for grid in $GRIDS; do
+  case $grid in
+    dllm)  # issue #5: dLLM-Cache on both diffusion demo models
+      dllm-cache eval --model tiny-llada "${COMMON[@]}" --cache none,dllm-cache --out-dir "runs/bench-$N-llada-dllm"
+      dllm-cache eval --model tiny-dream "${COMMON[@]}" --cache none,dllm-cache --out-dir "runs/bench-$N-dream-dllm" ;;
+    block)  # issue #8: block caches and parallel decoding
+      dllm-cache eval --model tiny-llada "${COMMON[@]}" --out-dir "runs/bench-$N-llada-block" \
+        --cache none,fast-dllm-dual,fast-dllm-prefix,dkv-decode,fast-dllm-parallel,fast-dllm-dual-parallel ;;
+    more)  # issue #9: d2cache, freecache, guided decoding with tiny-ar
+      dllm-cache eval --model tiny-llada "${COMMON[@]}" --out-dir "runs/bench-$N-llada-more" \
+        --cache none,d2cache,freecache,guided,freecache-guided ;;
+    *) echo "unknown grid $grid (dllm, block, more)" >&2; exit 2 ;;
+  esac
+done
