@@ -35,14 +35,14 @@ def fifty():
 def test_tiny_llada_on_tiny_gsm(fifty):
     """Uncached baseline, gen 128, block 32, one token per step, on 50 held-out problems.
 
-    The shipped model is under-trained (README model card): it has learned the answer format and to
-    stop, not yet the arithmetic. The bar of the demo-models issue (>= 40 of 50) applies once it is
-    retrained; this pins what the shipped checkpoint does (measured: 2/50, format in 49-50/50)."""
+    The demo-models issue asks for >= 40 of 50; the shipped model is not there yet (README model
+    card: 2 h of 2-core CPU training so far). This pins what it does (measured: 23/50, format in
+    49/50), so a regression in the engine or the checkpoint shows up here."""
     llm = load("tiny-llada")
     (none,), rows = compare(
         llm, fifty, ["none"], GenerationConfig(gen_length=128, block_length=32), batch_size=50
     )
-    assert none.correct >= 2, f"{none.correct}/50"
+    assert none.correct >= 20, f"{none.correct}/50"
     assert sum("####" in r["text"] for r in rows) >= 45
     assert none.nfe_per_problem <= 32  # every answer ends within the first block (early stop)
 
