@@ -16,8 +16,8 @@ for grid in $GRIDS; do
     block)  # issue #8: block caches and parallel decoding
       dllm-cache eval --model tiny-llada "${COMMON[@]}" --out-dir "runs/bench-$N-llada-block" \
         --cache none,fast-dllm-dual,fast-dllm-prefix,dkv-decode,fast-dllm-parallel,fast-dllm-dual-parallel ;;
-    more)  # issue #9: d2cache, freecache, guided decoding with tiny-ar
-      dllm-cache eval --model tiny-llada "${COMMON[@]}" --out-dir "runs/bench-$N-llada-more" \
+    more)  # issue #9: d2cache, freecache, guided decoding with tiny-ar (which shares tiny-dream's vocabulary)
+      dllm-cache eval --model tiny-dream "${COMMON[@]}" --out-dir "runs/bench-$N-dream-more" \
         --cache none,d2cache,freecache,guided,freecache-guided ;;
     *) echo "unknown grid $grid (dllm, block, more)" >&2; exit 2 ;;
   esac
