@@ -13,9 +13,11 @@ for grid in $GRIDS; do
     dllm)  # issue #5: dLLM-Cache on both diffusion demo models
       dllm-cache eval --model tiny-llada "${COMMON[@]}" --cache none,dllm-cache --out-dir "runs/bench-$N-llada-dllm"
       dllm-cache eval --model tiny-dream "${COMMON[@]}" --cache none,dllm-cache --out-dir "runs/bench-$N-dream-dllm" ;;
-    block)  # issue #8: block caches and parallel decoding
-      dllm-cache eval --model tiny-llada "${COMMON[@]}" --out-dir "runs/bench-$N-llada-block" \
-        --cache none,fast-dllm-dual,fast-dllm-prefix,dkv-decode,fast-dllm-parallel,fast-dllm-dual-parallel ;;
+    block)  # issue #8: block caches and parallel decoding, both diffusion demo models
+      for model in llada dream; do
+        dllm-cache eval --model "tiny-$model" "${COMMON[@]}" --out-dir "runs/bench-$N-$model-block" \
+          --cache none,fast-dllm-dual,fast-dllm-prefix,dkv-decode,fast-dllm-parallel,fast-dllm-dual-parallel
+      done ;;
     more)  # issue #9: d2cache, freecache, guided decoding with tiny-ar (which shares tiny-dream's vocabulary)
       dllm-cache eval --model tiny-dream "${COMMON[@]}" --out-dir "runs/bench-$N-dream-more" \
         --cache none,d2cache,freecache,guided,freecache-guided ;;
