@@ -46,7 +46,7 @@ def test_train_demo_writes_a_real_checkpoint(arch, tmp_path):
 
 
 def test_training_is_seeded_and_learns(tmp_path):
-    cfg = TrainConfig(arch="llada", steps=30, lr=3e-3, **{**SMALL, "batch_size": 32})
+    cfg = TrainConfig(arch="llada", steps=80, lr=3e-3, answer_lengths=(20,), **{**SMALL, "batch_size": 32})
     train(cfg, tmp_path / "a", log=lambda m: None)
     train(cfg, tmp_path / "b", log=lambda m: None)
     weights = [(tmp_path / d / "model.safetensors").read_bytes() for d in ("a", "b")]
