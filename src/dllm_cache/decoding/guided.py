@@ -178,23 +178,21 @@ class GuidedDecoder:
         B, N = masked.shape
         device = self.ar_x.device
         P, Pa, off = ctx.prompt_length, self.Pa, ctx.block_start
-        ready = masked & computed(logits)
         probs = logits.to(torch.float64).softmax(-1)
-        draft = logits.nan_to_num(float("-inf")).argmax(-1)
-        conf = probs.gather(-1, draft[..., None]).squeeze(-1)
+        draft_out = logits.nan_to_num(float("-inf")).argmax(-1)
+        conf = probs.gather(-1, draft_out[..., None]).squeeze(-1)
+        # Everything below lives on the guide's device (moved once; usually the same device).
+        ready = (masked & computed(logits)).to(device)
+        masked, draft = masked.to(device), draft_out.to(device)
         # The AR sequence mirrors the dLLM's answer: committed tokens, then the draft.
-        answer = ctx.x[:, P:].to(device)
-        block = answer[:, off : off + N].clone()
-        block[masked] = draft.to(device)[masked]
-        answer = answer.clone()
-        answer[:, off : off + N] = block
+        answer = ctx.x[:, P:].to(device).clone()
+        block = answer[:, off : off + N]
+        block[masked] = draft[masked]
         mapped = vocab.guide_ids(answer.clamp(min=0))
         self.ar_x[:, Pa:] = torch.where(mapped >= 0, mapped, torch.full_like(mapped, vocab.guide_pad))
         # One AR forward over the rows not yet cached, up to the end of the block.
-        has_mask = masked.any(1).to(device)
-        first = torch.where(
-            has_mask, masked.to(device).long().argmax(1), torch.zeros_like(has_mask, dtype=torch.long)
-        )
+        has_mask = masked.any(1)
+        first = torch.where(has_mask, masked.long().argmax(1), torch.zeros_like(has_mask, dtype=torch.long))
         start = torch.minimum(self.cached_upto, Pa + off + first - 1)
         cols = torch.arange(Pa + off + N, device=device)
         active = (cols[None, :] >= start[:, None]) & (cols[None, :] < Pa + off + N - 1).expand(B, -1)
@@ -210,24 +208,24 @@ class GuidedDecoder:
         )
         ar_probs = ar_logits.to(torch.float64).softmax(-1)
         ar_top = vocab.model_ids(ar_probs.nan_to_num(0.0).argmax(-1))
-        draft_guide = vocab.guide_ids(draft.to(device))
+        draft_guide = vocab.guide_ids(draft)
         agree = self.agreement(ar_probs.nan_to_num(0.0), draft_guide) & (draft_guide >= 0)
         # committed positions pass; a masked position without a draft (uncomputed) disagrees
-        ok = (agree & ready.to(device)) | ~masked.to(device)
+        ok = (agree & ready) | ~masked
         ok_run = ok.long().cumprod(1).bool()  # positions before the first disagreement
-        commit = masked.to(device) & ok_run
+        commit = masked & ok_run
         stop = (~ok_run).long().argmax(1)  # first disagreement (0 when everything agreed)
         disagree = (~ok_run).any(1)
-        tokens = draft.to(device).clone()
+        tokens = draft.clone()
         rows_b = torch.arange(B, device=device)[disagree]
         ar_token = ar_top[rows_b, stop[disagree]]
         # the AR token at the first disagreement (the draft if the AR token has no dLLM id)
         tokens[rows_b, stop[disagree]] = torch.where(ar_token >= 0, ar_token, tokens[rows_b, stop[disagree]])
-        commit[rows_b, stop[disagree]] = masked.to(device)[rows_b, stop[disagree]]
+        commit[rows_b, stop[disagree]] = masked[rows_b, stop[disagree]]
         # AR rows whose tokens are final now: everything before the first disagreement
         upto = torch.where(disagree, Pa + off + stop, torch.full_like(stop, Pa + off + N))
         self.cached_upto = torch.where(has_mask, upto, self.cached_upto)
-        return Commit(commit.to(masked.device), tokens.to(masked.device), conf)
+        return Commit(commit.to(draft_out.device), tokens.to(draft_out.device), conf)
 
 
 __all__ = [
