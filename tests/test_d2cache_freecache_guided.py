@@ -200,7 +200,9 @@ def test_guided_with_a_verifier_that_never_agrees_is_ar_greedy_decoding(dream_an
         assert all(len(c) == 1 for c in committed[: len(expected) - 1])
         ends = [i for i, t in enumerate(expected) if t in guide.end_token_ids]
         assert out.tokens[b] == (expected[: ends[0]] if ends else expected)
-    assert out.stats.guide_nfe == out.stats.nfe
+        # one dLLM and one AR pass per step until this row's answer was complete
+        assert out.stats.row_nfe[b] == len(committed) == out.stats.guide_row_nfe[b]
+    assert out.stats.guide_nfe == out.stats.nfe == max(out.stats.row_nfe)  # one block
 
 
 def test_guided_decoding_by_name_and_with_a_cache(dream_and_guide):

@@ -22,6 +22,19 @@ def test_batch_of_mixed_lengths_equals_each_prompt_alone(fixture, request):
         assert torch.equal(alone.sequences[0, -16:], batch.sequences[b, -16:])
 
 
+@pytest.mark.parametrize("fixture", ["llada", "dream"])
+def test_per_row_nfe_is_what_each_prompt_costs_alone(fixture, request):
+    llm = request.getfixturevalue(fixture)
+    # A low threshold commits several tokens per step, so rows finish their blocks at different steps.
+    kw = dict(gen_length=16, block_length=8, decoder="threshold", threshold=0.4)
+    batch = generate(llm, PROMPTS, **kw)
+    alone = [generate(llm, [p], **kw).stats.nfe for p in PROMPTS]
+    assert batch.stats.row_nfe == alone
+    # The batch waits, block by block, for its slowest row in that block.
+    assert batch.stats.nfe >= max(alone) and len(set(alone)) > 1
+    assert batch.stats.guide_row_nfe == [0] * len(PROMPTS)
+
+
 def test_tokens_per_step_schedule():
     masked = torch.ones(2, 10, dtype=torch.bool)
     masked[1, :3] = False

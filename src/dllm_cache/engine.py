@@ -10,7 +10,7 @@ import resource
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -71,6 +71,10 @@ class GenerationStats:
     cache_bytes: int
     guide_nfe: int = 0  # guided decoding: forward passes of the AR verifier (not in nfe)
     guide_flops: float = 0.0
+    # Per prompt: the forward passes until that answer was complete, i.e. what it would cost alone
+    # (batch size 1); `nfe` is the batch's, set by its slowest row.
+    row_nfe: list[int] = field(default_factory=list)
+    guide_row_nfe: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -261,6 +265,7 @@ def generate(
         inner.begin_generation(context)
     observe_confidence = getattr(policy, "observe_confidence", None)
     n = 0
+    row_steps = torch.zeros(B, dtype=torch.long, device=device)  # steps each row still needed
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         torch.cuda.synchronize(device)
@@ -280,6 +285,7 @@ def generate(
             masked_block = x[:, bs:be] == mask_id
             if not masked_block.any():
                 break
+            row_steps += masked_block.any(1)
             x_in = x
             if use_cfg:
                 x_uncond = x.clone()
@@ -327,7 +333,9 @@ def generate(
         torch.cuda.synchronize(device)
     wall = time.perf_counter() - start
     guide_stats = getattr(inner, "stats", None)
-    return _result(llm, x, P, n, use_cfg, wall, fstats, feature_cache, records, end_ids, guide_stats)
+    return _result(
+        llm, x, P, n, row_steps.tolist(), use_cfg, wall, fstats, feature_cache, records, end_ids, guide_stats
+    )
 
 
 def _as_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
@@ -370,6 +378,7 @@ def _result(
     x: Tensor,
     P: int,
     n_steps: int,
+    row_steps: list[int],
     use_cfg: bool,
     wall: float,
     fstats: ForwardStats,
@@ -404,6 +413,9 @@ def _result(
         cache_bytes=feature_cache.nbytes() if feature_cache is not None else 0,
         guide_nfe=guide_stats.forwards if guide_stats is not None else 0,
         guide_flops=guide_stats.flops if guide_stats is not None else 0.0,
+        row_nfe=[k * (2 if use_cfg else 1) for k in row_steps],
+        # The verifier runs once per step over every row that still has masks.
+        guide_row_nfe=list(row_steps) if guide_stats is not None else [0] * len(row_steps),
     )
     return GenerationResult(tokens, texts, x.cpu(), P, stats, records)
 

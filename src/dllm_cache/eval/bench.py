@@ -229,21 +229,23 @@ def pareto_mask(rows: Sequence[dict[str, Any]], x: str = "tokens_per_s", y: str 
 
 def markdown_table(result: BenchResult) -> str:
     """One markdown table of every row; `*` marks the Pareto front of its (model, task)."""
+    from dllm_cache.eval.runner import nfe_text
+
     c = result.config
     lines = [
         f"gen {c.gen_length}, steps {c.steps or c.gen_length}, block {c.block_length or 'default'}, "
         f"batch {c.batch_size}, limit {c.limit or 'task default'}, device {result.environment['device']}",
         "",
-        "| model | task | method | accuracy | tokens/s | NFE/problem | recomputed | GFLOPs/problem | speed-up | Pareto |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| model | task | method | accuracy | tokens/s | NFE (batch) | NFE/answer | recomputed | GFLOPs/problem "
+        "| speed-up | Pareto |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in result.rows:
-        nfe = f"{r['nfe_per_problem']:.1f}"
-        if r.get("guide_nfe_per_problem"):
-            nfe += f" (+{r['guide_nfe_per_problem']:.1f} AR)"
+        nfe = nfe_text(r["nfe_per_problem"], r.get("guide_nfe_per_problem", 0.0))
+        row_nfe = nfe_text(r.get("row_nfe_per_problem", 0.0), r.get("guide_row_nfe_per_problem", 0.0))
         lines.append(
             f"| {r['model']} | {r['task']} | {r['method']} | {r['accuracy']:.1%} ({r['correct']}/{r['n']}) | "
-            f"{r['tokens_per_s']:.1f} | {nfe} | {r['recompute_fraction']:.1%} | "
+            f"{r['tokens_per_s']:.1f} | {nfe} | {row_nfe} | {r['recompute_fraction']:.1%} | "
             f"{r['flops_per_problem'] / 1e9:.2f} | {r['speedup']:.2f}x | {'*' if r['pareto'] else ''} |"
         )
     return "\n".join(lines) + "\n"

@@ -13,6 +13,7 @@ what it cost:
 | time_s | latency_s / batch_size: the problem's share of the wall time (they sum to the total) |
 | batch_size | problems in that batch |
 | nfe, guide_nfe | forward passes of the batch (every problem of a batch sees all of them); AR-verifier passes |
+| row_nfe, guide_row_nfe | forward passes until this problem's answer was complete: its cost alone (batch size 1) |
 | gen_tokens | answer tokens generated for this problem (non-pad, non-end) |
 | flops, position_layers, position_layers_total | the batch's counts divided by batch_size |
 
@@ -39,6 +40,7 @@ __all__ = [
     "Problem",
     "compare",
     "load_task",
+    "nfe_text",
     "percentile",
     "run_method",
     "summarize",
@@ -62,12 +64,21 @@ class MethodResult:
     recompute_fraction: float
     flops_per_problem: float
     guide_nfe_per_problem: float = 0.0  # guided decoding: the AR verifier's forward passes
+    # Forward passes until each answer was complete (what it costs alone, at batch size 1); the
+    # batch's NFE above is set by its slowest row.
+    row_nfe_per_problem: float = 0.0
+    guide_row_nfe_per_problem: float = 0.0
     speedup: float = 1.0  # wall-clock, vs the first method (normally none)
     latency_p50_s: float = 0.0  # see LATENCY_DEFINITION
     latency_p95_s: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def nfe_text(nfe: float, guide_nfe: float = 0.0) -> str:
+    """A table cell for forward passes: the dLLM's, plus the AR verifier's when there are any."""
+    return f"{nfe:.1f}" + (f" (+{guide_nfe:.1f} AR)" if guide_nfe else "")
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -106,6 +117,11 @@ def summarize(
         recompute_fraction=pos_layers / pos_total if pos_total else 1.0,
         flops_per_problem=sum(r["flops"] for r in rows) / n if n else 0.0,
         guide_nfe_per_problem=sum(r.get("guide_nfe", 0) for r in rows) / n if n else 0.0,
+        # (rows saved before per-row counts existed fall back to the batch's)
+        row_nfe_per_problem=sum(r.get("row_nfe", r["nfe"]) for r in rows) / n if n else 0.0,
+        guide_row_nfe_per_problem=sum(r.get("guide_row_nfe", r.get("guide_nfe", 0)) for r in rows) / n
+        if n
+        else 0.0,
         latency_p50_s=percentile(latencies, 50),
         latency_p95_s=percentile(latencies, 95),
     )
@@ -132,7 +148,7 @@ def generate_rows(
     answers = out.sequences[:, out.prompt_length :].tolist()
     scores = score_batch(batch, out.texts)
     rows = []
-    for p, text, answer, sc in zip(batch, out.texts, answers, scores, strict=True):
+    for i, (p, text, answer, sc) in enumerate(zip(batch, out.texts, answers, scores, strict=True)):
         rows.append(
             {
                 "id": p.id,
@@ -148,6 +164,8 @@ def generate_rows(
                 "batch_size": k,
                 "nfe": s.nfe,
                 "guide_nfe": s.guide_nfe,
+                "row_nfe": s.row_nfe[i],
+                "guide_row_nfe": s.guide_row_nfe[i],
                 "gen_tokens": sum(1 for t in answer if t not in end and t != pad),
                 "flops": (s.flops + s.guide_flops) / k,
                 "position_layers": s.position_layers / k,

@@ -32,6 +32,7 @@ from dllm_cache.eval.runner import (
     LATENCY_DEFINITION,
     MethodResult,
     Problem,
+    nfe_text,
     run_method,
     set_speedups,
     summarize,
@@ -292,25 +293,39 @@ SUMMARY_COLUMNS = (
     "tokens/s",
     "latency p50 (s)",
     "latency p95 (s)",
-    "NFE",
+    "NFE (batch)",
+    "NFE/answer",
     "recomputed",
     "GFLOPs/problem",
     "speed-up",
 )
-# The same columns, named short enough for an 80-column terminal.
-SHORT_COLUMNS = ("method", "accuracy", "tok/s", "p50 s", "p95 s", "NFE", "recomp.", "GFLOPs", "speed-up")
+# The same columns, named short enough for an 80-column terminal; the batch NFE is left out there
+# (summary.md and summary.json have it).
+SHORT_COLUMNS = (
+    "method",
+    "accuracy",
+    "tok/s",
+    "p50 s",
+    "p95 s",
+    "NFE/ans",
+    "recomp.",
+    "GFLOPs",
+    "speed-up",
+)
 
 
 def summary_cells(r: MethodResult, short: bool = False) -> list[str]:
-    """One table row of a method's summary, as text (`short`: the terminal's, without counts)."""
+    """One table row of a method's summary, as text (`short`: the terminal's, without counts or
+    batch NFE)."""
+    batch_nfe = [] if short else [nfe_text(r.nfe_per_problem, r.guide_nfe_per_problem)]
     return [
         r.method,
         f"{r.accuracy:.1%}" if short else f"{r.accuracy:.1%} ({r.correct}/{r.n})",
         f"{r.tokens_per_s:.1f}",
         f"{r.latency_p50_s:.2f}",
         f"{r.latency_p95_s:.2f}",
-        f"{r.nfe_per_problem:.1f}"
-        + (f" (+{r.guide_nfe_per_problem:.1f} AR)" if r.guide_nfe_per_problem else ""),
+        *batch_nfe,
+        nfe_text(r.row_nfe_per_problem, r.guide_row_nfe_per_problem),
         f"{r.recompute_fraction:.1%}",
         f"{r.flops_per_problem / 1e9:.2f}",
         f"{r.speedup:.2f}x",
@@ -339,7 +354,8 @@ def summary_markdown(spec: EvalSpec, n: int, results: list[MethodResult]) -> str
     lines += [
         "",
         f"Latency: {LATENCY_DEFINITION}. tokens/s: generated answer tokens / summed batch wall time. "
-        "Speed-up: summed wall time of the first method / this method's. NFE: forward passes per problem.",
+        "Speed-up: summed wall time of the first method / this method's. NFE (batch): forward passes of the batch a problem was in "
+        "(set by its slowest answer); NFE/answer: passes until the problem's own answer was complete.",
         "",
     ]
     return "\n".join(lines)
