@@ -2,25 +2,32 @@
 # The quality/speed bars on the demo models (CPU): every method on the same held-out tiny-GSM problems,
 # gen 128, block 32, one token per step for the reference decoders. Resumable: each grid writes
 # runs/bench-*/<method>.jsonl + summary.md/json, and a rerun skips finished problems.
-# Usage: bash benchmarks/tiny_gsm.sh [N] [GRID...]   (N problems, default 500; grids: dllm block more)
+# Usage: bash benchmarks/tiny_gsm.sh [N] [GRID...]   (N problems, default 500; grids: all, or dllm block more)
+# `all` runs every method on a model in one process (one uncached baseline for every ratio).
 set -euo pipefail
 N=${1:-500}
 shift || true
-GRIDS=${*:-dllm block more}
+GRIDS=${*:-all}
+BLOCK=fast-dllm-dual,fast-dllm-prefix,dkv-decode,fast-dllm-parallel,fast-dllm-dual-parallel
 COMMON=(--task tiny-gsm --limit "$N" --gen-length 128 --block-length 32 --batch-size 64)
 for grid in $GRIDS; do
   case $grid in
+    all)  # every method; guided decoding only on tiny-dream (tiny-ar shares its vocabulary)
+      dllm-cache eval --model tiny-llada "${COMMON[@]}" --out-dir "runs/bench-$N-llada-all" \
+        --cache "none,dllm-cache,$BLOCK,d2cache,freecache"
+      dllm-cache eval --model tiny-dream "${COMMON[@]}" --out-dir "runs/bench-$N-dream-all" \
+        --cache "none,dllm-cache,$BLOCK,d2cache,freecache,guided,freecache-guided" ;;
     dllm)  # issue #5: dLLM-Cache on both diffusion demo models
       dllm-cache eval --model tiny-llada "${COMMON[@]}" --cache none,dllm-cache --out-dir "runs/bench-$N-llada-dllm"
       dllm-cache eval --model tiny-dream "${COMMON[@]}" --cache none,dllm-cache --out-dir "runs/bench-$N-dream-dllm" ;;
     block)  # issue #8: block caches and parallel decoding, both diffusion demo models
       for model in llada dream; do
         dllm-cache eval --model "tiny-$model" "${COMMON[@]}" --out-dir "runs/bench-$N-$model-block" \
-          --cache none,fast-dllm-dual,fast-dllm-prefix,dkv-decode,fast-dllm-parallel,fast-dllm-dual-parallel
+          --cache "none,$BLOCK"
       done ;;
     more)  # issue #9: d2cache, freecache, guided decoding with tiny-ar (which shares tiny-dream's vocabulary)
       dllm-cache eval --model tiny-dream "${COMMON[@]}" --out-dir "runs/bench-$N-dream-more" \
         --cache none,d2cache,freecache,guided,freecache-guided ;;
-    *) echo "unknown grid $grid (dllm, block, more)" >&2; exit 2 ;;
+    *) echo "unknown grid $grid (all, dllm, block, more)" >&2; exit 2 ;;
   esac
 done

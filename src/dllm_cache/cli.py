@@ -263,8 +263,12 @@ def train_demo(
     seed: int = 0,
     max_minutes: Annotated[float | None, typer.Option(help="stop when the wall clock runs out")] = None,
     init_from: Annotated[
-        Path | None, typer.Option(help="warm start from a checkpoint of the same shape")
+        Path | None, typer.Option(help="warm start from a checkpoint of the same shape (keeps its tokenizer)")
     ] = None,
+    train_problems: Annotated[int, typer.Option(help="distinct training problems generated")] = 60000,
+    pseudo_names: Annotated[
+        float, typer.Option(help="fraction of word problems with made-up names (0-1)")
+    ] = 0.5,
     device: DeviceOpt = "auto",
 ) -> None:
     """Train a demo model (tiny-llada, tiny-dream or tiny-ar) on tiny GSM and write an HF checkpoint."""
@@ -284,6 +288,8 @@ def train_demo(
             max_minutes=max_minutes,
             init_from=str(init_from) if init_from else None,
             amp=amp,
+            train_problems=train_problems,
+            pseudo_name_fraction=pseudo_names,
         )
         dev = resolve_device(device)
         summary = train(

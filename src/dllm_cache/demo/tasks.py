@@ -34,8 +34,12 @@ from typing import Literal
 
 Split = Literal["train", "test"]
 
-MAX_OPERAND = 20  # largest number that appears in a question
+# Operands up to 10 keep the addition/subtraction facts few enough for 2 CPU cores to learn: with
+# operands up to 20 (and two-step results near 100) the 4-layer demo model plateaued at 47% held-out,
+# failing mostly on facts like 12 + 6 and on two-step chains (8%).
+MAX_OPERAND = 10  # largest number that appears in a question
 MAX_RESULT = 100  # largest intermediate or final result
+BILLS = (10, 20)  # the banknotes of the shopping problems: the only question numbers above MAX_OPERAND
 
 
 @dataclass(frozen=True)
@@ -147,7 +151,7 @@ def _shopping(rng: random.Random, split: Split, names: tuple[_Person, ...], two_
         )
         lines = [f"{a} * {price} = {r} dollars"]
     elif rng.random() < 0.5:
-        bill = rng.choice([10, 20])
+        bill = rng.choice(BILLS)
         a = rng.randint(2, 5)
         price = rng.randint(1, bill // a)
         c = a * price
@@ -166,7 +170,7 @@ def _shopping(rng: random.Random, split: Split, names: tuple[_Person, ...], two_
         lines = [f"{a} * {price} = {c} dollars", f"{bill} - {c} = {r} dollars"]
     else:
         a, price = rng.randint(2, 5), rng.randint(1, 10)
-        extra = rng.randint(1, 20)
+        extra = rng.randint(1, MAX_OPERAND)
         c = a * price
         r = c + extra
         q = _pick(
@@ -228,7 +232,7 @@ def _rates(rng: random.Random, split: Split, names: tuple[_Person, ...], two_ste
     variant = 0 if not two_step else rng.choice([1, 2])
     activities = [act for act in ACTIVITIES if act[2] not in _NOT_LOSABLE] if variant == 2 else ACTIVITIES
     v3, v, unit, time = rng.choice(activities)
-    rate = rng.randint(2, 12)
+    rate = rng.randint(2, MAX_OPERAND)
     n = rng.randint(2, min(9, MAX_RESULT // rate))
     x = rate * n
     step1 = f"{rate} * {n} = {x} {unit}"
@@ -516,7 +520,7 @@ def generate_problems(
     seed: int = 0,
     *,
     word_problem_fraction: float = WORD_PROBLEM_FRACTION,
-    two_step_fraction: float = 0.25,  # short chains: what a CPU-trained tiny model can learn
+    two_step_fraction: float = 0.1,  # short chains: what a CPU-trained tiny model can learn
     skill_weights: dict[str, float] | None = None,
     pseudo_name_fraction: float = 0.0,
 ) -> list[Problem]:

@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from dllm_cache.demo.tasks import TOKENIZER_MIX, generate_problems, training_corpus
 from dllm_cache.demo.tokenizer import save_tokenizer, special_token_ids, train_tokenizer
 from dllm_cache.errors import DllmCacheError
-from dllm_cache.models.loading import load_model, save_checkpoint
+from dllm_cache.models.loading import load_model, resolve_model_dir, save_checkpoint
 from dllm_cache.models.random_init import init_weights
-from dllm_cache.models.tokenizer import encode_prompt
+from dllm_cache.models.tokenizer import encode_prompt, load_tokenizer
 from dllm_cache.models.transformer import ModelConfig, Transformer
 
 ARCHES = ("llada", "dream", "ar")
@@ -61,14 +61,24 @@ class TrainConfig:
     extra: dict = field(default_factory=dict)
 
 
+TOKENIZER_PROBLEMS = 60000  # the tokenizer's training text, independent of `train_problems`
+
+
 def family_of(arch: str) -> str:
     return "llada" if arch == "llada" else "dream"
 
 
 def build_tokenizer(cfg: TrainConfig):
-    """The BPE tokenizer (trained on a fixed mix, `TOKENIZER_MIX`) and the training problems."""
-    corpus = generate_problems(cfg.train_problems, "train", cfg.seed, **TOKENIZER_MIX)
-    tok = train_tokenizer(training_corpus(corpus), family_of(cfg.arch), vocab_size=cfg.vocab_size)
+    """The BPE tokenizer and the training problems. A warm start keeps the starting checkpoint's
+    tokenizer (its embeddings are indexed by that vocabulary); otherwise a new one is trained on a
+    fixed mix, `TOKENIZER_MIX`."""
+    if cfg.init_from:
+        tok = load_tokenizer(resolve_model_dir(cfg.init_from))
+        if tok is None:
+            raise DllmCacheError(f"--init-from {cfg.init_from}: no tokenizer files to keep")
+    else:
+        corpus = generate_problems(TOKENIZER_PROBLEMS, "train", cfg.seed, **TOKENIZER_MIX)
+        tok = train_tokenizer(training_corpus(corpus), family_of(cfg.arch), vocab_size=cfg.vocab_size)
     problems = generate_problems(
         cfg.train_problems, "train", cfg.seed, pseudo_name_fraction=cfg.pseudo_name_fraction
     )
