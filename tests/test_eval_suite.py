@@ -337,6 +337,22 @@ def test_eval_writes_rows_and_summaries_then_resumes(tmp_path, monkeypatch):
     assert bad.exit_code == 2 and "holds a run with steps=None, not 8" in bad.output
 
 
+def test_eval_refuses_to_resume_rows_of_a_changed_checkpoint(tmp_path):
+    from dllm_cache.models.random_checkpoint import write_random_checkpoint
+
+    ckpt, out = tmp_path / "model", tmp_path / "run"
+    write_random_checkpoint("llada", ckpt, seed=0)
+    args = ["eval", "--model", str(ckpt), "--task", "tiny-gsm", "--limit", "2", "--gen-length", "8"]
+    args += ["--device", "cpu", "--out-dir", str(out)]
+    first = cli.invoke(app, args)
+    assert first.exit_code == 0, first.output
+    assert cli.invoke(app, args).exit_code == 0  # same weights: resumes
+    write_random_checkpoint("llada", ckpt, seed=1)  # "retrained" into the same directory
+    bad = cli.invoke(app, args)
+    assert bad.exit_code == 2 and "the checkpoint changed" in bad.output
+    assert "Traceback" not in bad.output
+
+
 @needs_data
 @pytest.mark.parametrize("task", ["math500", "humaneval", "mbpp"])
 def test_eval_runs_every_task(task, tmp_path):

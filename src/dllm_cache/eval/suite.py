@@ -38,7 +38,7 @@ from dllm_cache.eval.runner import (
     summarize,
 )
 from dllm_cache.methods import parse_method
-from dllm_cache.models.loading import DLLM
+from dllm_cache.models.loading import DLLM, weights_fingerprint
 
 Row = dict[str, Any]
 
@@ -60,6 +60,8 @@ class EvalSpec:
         gen = {k: v for k, v in asdict(self.config).items() if k != "record_steps"}
         return {
             "model_path": self.model_path,
+            # Retraining into the same directory must not let a rerun reuse the old model's rows.
+            "weights": weights_fingerprint(self.model_path),
             "task": self.task,
             "fewshot": self.fewshot,
             "chat": self.chat,
@@ -176,6 +178,11 @@ class RowStore:
                         f"{self.out_dir} holds a run with {k}={old[key][k]!r}, not {value[k]!r}: "
                         "use another --out-dir"
                     )
+            elif key == "weights" and old.get(key, value) != value:
+                raise DllmCacheError(
+                    f"{self.out_dir} holds rows generated with other weights than those now in "
+                    f"{spec.model_path} (the checkpoint changed): use another --out-dir"
+                )
             elif old.get(key, value) != value:
                 raise DllmCacheError(
                     f"{self.out_dir} holds a run with {key}={old[key]!r}, not {value!r}: use another --out-dir"

@@ -8,6 +8,7 @@ the target device and dtype onto a model built on the meta device, so an 8B mode
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +62,25 @@ def resolve_model_dir(name_or_path: str | Path) -> Path:
     )
     hint = f" (embedded models: {', '.join(shipped)})" if shipped else ""
     raise ModelLoadError(f"model directory not found: {name_or_path}{hint}")
+
+
+def weights_fingerprint(model_dir: str | Path, sample_bytes: int = 1 << 20) -> str:
+    """A short hash that changes when a checkpoint's config or weights change (e.g. retraining into
+    the same directory): config.json, and each weight file's name, size, first and last MiB. Cheap
+    for an 8B checkpoint, unlike hashing every byte."""
+    model_dir = resolve_model_dir(model_dir)
+    h = hashlib.sha256()
+    for path in [model_dir / "config.json", *sorted(model_dir.glob("*.safetensors"))]:
+        if not path.is_file():
+            continue
+        size = path.stat().st_size
+        h.update(f"{path.name}:{size}:".encode())
+        with path.open("rb") as f:
+            h.update(f.read(sample_bytes))
+            if size > 2 * sample_bytes:
+                f.seek(size - sample_bytes)
+                h.update(f.read(sample_bytes))
+    return h.hexdigest()[:16]
 
 
 def read_config(model_dir: Path) -> ModelConfig:
