@@ -16,7 +16,7 @@ import time
 import torch
 
 from dllm_cache.models.loading import read_config
-from dllm_cache.models.random_init import init_weights, tiny_config
+from dllm_cache.models.random_init import random_model, tiny_config
 from dllm_cache.models.transformer import ForwardStats, ModelConfig, Transformer
 
 SHARED_CONFIGS = {"llada-8b": "llada-8b-instruct", "dream-7b": "dream-v0-instruct-7b"}
@@ -34,11 +34,7 @@ def shape_config(shape: str) -> ModelConfig:
 
 
 def build(cfg: ModelConfig, device: str, dtype: torch.dtype) -> Transformer:
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    model = model.to_empty(device=device).to(dtype)
-    init_weights(model, seed=0)
-    return model.eval().requires_grad_(False)
+    return random_model(cfg, seed=0, device=device, dtype=dtype).eval().requires_grad_(False)
 
 
 def time_forward(model: Transformer, batch: int, prompt: int, gen: int, iters: int, full_head: bool) -> float:

@@ -33,8 +33,8 @@ import torch
 from dllm_cache.engine import GenerationConfig, generate
 from dllm_cache.methods import parse_method
 from dllm_cache.models.loading import DLLM, read_config
-from dllm_cache.models.random_init import tiny_config
-from dllm_cache.models.transformer import ModelConfig, Transformer
+from dllm_cache.models.random_init import random_model, tiny_config
+from dllm_cache.models.transformer import ModelConfig
 
 HERE = Path(__file__).resolve().parent
 CONFIG_DIRS = {"llada-8b": "llada-8b-instruct", "dream-7b": "dream-v0-instruct-7b"}
@@ -62,23 +62,6 @@ def shape_config(shape: str, config_dir: Path) -> ModelConfig:
     if not (path / "config.json").is_file():
         raise SystemExit(f"{path}/config.json not found (pass --config-dir)")
     return read_config(path)
-
-
-def random_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, seed: int = 0) -> Transformer:
-    """The architecture with N(0, 0.02) weights and unit norms, allocated and drawn on `device`."""
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    model = model.to(dtype=dtype).to_empty(device=device)
-    if cfg.tie_embeddings:
-        model.lm_head.weight = model.embed.weight
-    gen = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, 0.02, generator=gen)
-    return model.eval().requires_grad_(False)
 
 
 def random_prompts(cfg: ModelConfig, batch: int, length: int, seed: int) -> list[list[int]]:
@@ -198,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     for shape in args.shapes:
         cfg = shape_config(shape, args.config_dir)
-        model = random_model(cfg, device, dtype, args.seed)
+        model = random_model(cfg, args.seed, device=device, dtype=dtype).eval().requires_grad_(False)
         llm = DLLM(model, None, Path(f"random:{shape}"), [cfg.eos_token_id])
         n_params = sum(p.numel() for p in model.parameters())
         report["shapes"][shape] = {"params": n_params, "layers": cfg.n_layers, "d_model": cfg.d_model}

@@ -47,16 +47,37 @@ def tiny_config(
 
 
 def init_weights(model: Transformer, seed: int = 0, std: float = 0.02) -> Transformer:
-    """Normal(0, std) matrices and biases, unit norms; deterministic per seed."""
-    gen = torch.Generator().manual_seed(seed)
+    """Normal(0, std) matrices and biases, unit norms; deterministic per seed (and device).
+
+    The generator lives on the parameters' device: a CPU generator cannot fill CUDA tensors, and
+    filling 8B parameters on the GPU is what makes the large-shape benchmarks quick to start."""
+    gens: dict[torch.device, torch.Generator] = {}
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
             else:
-                p.normal_(0.0, std, generator=gen)
+                if p.device not in gens:
+                    gens[p.device] = torch.Generator(device=p.device).manual_seed(seed)
+                p.normal_(0.0, std, generator=gens[p.device])
     return model
 
 
-def random_model(cfg: ModelConfig, seed: int = 0, std: float = 0.02) -> Transformer:
-    return init_weights(Transformer(cfg), seed, std)
+def random_model(
+    cfg: ModelConfig,
+    seed: int = 0,
+    std: float = 0.02,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+) -> Transformer:
+    """The architecture with random weights, allocated and drawn directly on `device` in `dtype`
+    (an 8B-shape model never passes through CPU memory in fp32)."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    if dtype is not None:
+        model = model.to(dtype=dtype)
+    model = model.to_empty(device=device)
+    if cfg.tie_embeddings:  # to_empty gives each module its own tensor
+        model.lm_head.weight = model.embed.weight
+    return init_weights(model, seed, std)
