@@ -61,7 +61,7 @@ class EvalSpec:
         return {
             "model_path": self.model_path,
             # Retraining into the same directory must not let a rerun reuse the old model's rows.
-            "weights": weights_fingerprint(self.model_path),
+            "weights": weights_fingerprint(self.model_path) if Path(self.model_path).is_dir() else None,
             "task": self.task,
             "fewshot": self.fewshot,
             "chat": self.chat,
