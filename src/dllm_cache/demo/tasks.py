@@ -481,8 +481,8 @@ WARMUP_SKILLS: dict[str, Callable[[random.Random], tuple[str, str, str]]] = {
 # first 45-minute runs scored 0% on them), so they are a small share of the default mix.
 WARMUP_WEIGHTS = {"arith": 0.7, "sort": 0.1, "reverse": 0.1, "copy": 0.1}
 WORD_PROBLEM_FRACTION = 0.9
-# The mix the demo tokenizer is trained on: every skill well represented, and fixed, so a change
-# of the training mix keeps the tokenizer (and warm starts from earlier checkpoints) valid.
+# The mix a new demo tokenizer is trained on: every skill well represented, and independent of the
+# training mix. (A warm start keeps its checkpoint's tokenizer instead, see demo/train.py.)
 TOKENIZER_MIX = {
     "word_problem_fraction": 0.7,
     "two_step_fraction": 0.25,

@@ -22,6 +22,7 @@ import os
 import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -56,12 +57,17 @@ class EvalSpec:
     fewshot: int
     chat: bool
 
+    @cached_property
+    def weights(self) -> str | None:
+        """The checkpoint's fingerprint, read once per run (check_run and write_run both pin it)."""
+        return weights_fingerprint(self.model_path) if Path(self.model_path).is_dir() else None
+
     def pinned(self) -> dict[str, Any]:
         gen = {k: v for k, v in asdict(self.config).items() if k != "record_steps"}
         return {
             "model_path": self.model_path,
             # Retraining into the same directory must not let a rerun reuse the old model's rows.
-            "weights": weights_fingerprint(self.model_path) if Path(self.model_path).is_dir() else None,
+            "weights": self.weights,
             "task": self.task,
             "fewshot": self.fewshot,
             "chat": self.chat,
