@@ -2,7 +2,7 @@
 # The quality/speed bars on the demo models (CPU): every method on the same held-out tiny-GSM problems,
 # gen 128, block 32, one token per step for the reference decoders. Resumable: each grid writes
 # runs/bench-*/<method>.jsonl + summary.md/json, and a rerun skips finished problems.
-# Usage: bash benchmarks/tiny_gsm.sh [N] [GRID...]   (N problems, default 500; grids: all, or dllm block more)
+# Usage: bash benchmarks/tiny_gsm.sh [N] [GRID...]   (N problems, default 500; grids: all, paraphrase, or dllm block more)
 # `all` runs every method on a model in one process (one uncached baseline for every ratio).
 set -euo pipefail
 N=${1:-500}
@@ -28,6 +28,11 @@ for grid in $GRIDS; do
     more)  # issue #9: d2cache, freecache, guided decoding with tiny-ar (which shares tiny-dream's vocabulary)
       dllm-cache eval --model tiny-dream "${COMMON[@]}" --out-dir "runs/bench-$N-dream-more" \
         --cache none,d2cache,freecache,guided,freecache-guided ;;
-    *) echo "unknown grid $grid (all, dllm, block, more)" >&2; exit 2 ;;
+    paraphrase)  # the baselines on word problems phrased as no training problem is (tiny-gsm-paraphrase)
+      for model in llada dream; do
+        dllm-cache eval --model "tiny-$model" "${COMMON[@]/#tiny-gsm/tiny-gsm-paraphrase}" --cache none \
+          --out-dir "runs/bench-$N-$model-paraphrase"
+      done ;;
+    *) echo "unknown grid $grid (all, paraphrase, dllm, block, more)" >&2; exit 2 ;;
   esac
 done

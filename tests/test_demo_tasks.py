@@ -9,9 +9,12 @@ import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from dllm_cache.demo.tasks import (
+    ACTIVITIES,
     BILLS,
+    ITEMS,
     MAX_OPERAND,
     MAX_RESULT,
+    SHOP_ITEMS,
     TEST_NAMES,
     TRAIN_NAMES,
     WARMUP_SKILLS,
@@ -106,6 +109,48 @@ def test_training_corpus_yields_questions_then_answers():
 def test_bad_split_rejected():
     with pytest.raises(ValueError):
         generate_problems(1, "valid", seed=0)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="held_out_phrasing applies to the test split only"):
+        generate_problems(1, "train", seed=0, held_out_phrasing=0.5)
+    with pytest.raises(ValueError, match="fractions"):
+        generate_problems(1, "test", seed=0, held_out_phrasing=1.5)
+
+
+_NAMES = {p.name for p in TRAIN_NAMES + TEST_NAMES}
+_PRONOUNS = {"he", "she", "He", "She"}
+
+
+def _phrasing(question: str) -> str:
+    """The question's template: numbers, things and pronouns replaced by placeholders, and names
+    by their order of first appearance (so a phrasing that swaps the roles of two people differs)."""
+    things = set(ITEMS) | set(SHOP_ITEMS) | {a for act in ACTIVITIES for a in act}
+    names: dict[str, str] = {}
+    out = []
+    for w in re.findall(r"\w+|[^\w\s]", question):
+        if w.isdigit():
+            out.append("N")
+        elif w in things or w + "s" in things:
+            out.append("X")
+        elif w in _PRONOUNS:
+            out.append("P")
+        elif w in _NAMES:
+            out.append(names.setdefault(w, f"NAME{len(names)}"))
+        else:
+            out.append(w)
+    return " ".join(out)
+
+
+def test_phrasings_held_out_only_in_the_paraphrase_set(train_set):
+    """The default test split asks in the train phrasings (names held out); with
+    ``held_out_phrasing=1`` every word problem is phrased as no train problem is."""
+    train_phrasings = {_phrasing(p.question) for p in train_set if p.family in WORD_FAMILIES}
+    default = [p for p in generate_problems(300, "test", seed=3) if p.family in WORD_FAMILIES]
+    assert all(_phrasing(p.question) in train_phrasings for p in default)
+    paraphrased = generate_problems(300, "test", seed=3, held_out_phrasing=1.0)
+    words = [p for p in paraphrased if p.family in WORD_FAMILIES]
+    assert len(words) > 200 and {p.family for p in words} == set(WORD_FAMILIES)
+    assert not any(_phrasing(p.question) in train_phrasings for p in words)
+    # Warm-up skills are unaffected; answers are still correct GSM8K-format solutions.
+    assert all(extract_answer(p.answer) == p.final for p in paraphrased)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -460,3 +460,21 @@ def test_data_paths_resolve_beside_the_checkout():
 
     checkout = Path(data_mod.__file__).resolve().parents[3]
     assert data_mod.DEFAULT_DATA_DIR == checkout.parent / "shared" / "data"
+
+
+def test_eval_refuses_to_resume_rows_of_other_problems(tmp_path, monkeypatch):
+    """Rows saved for a task whose problems have since changed (same ids, other questions, e.g. a
+    new generator) are not mixed into the new run."""
+    from dllm_cache.eval import tasks as eval_tasks
+    from dllm_cache.models.random_checkpoint import write_random_checkpoint
+
+    ckpt, out = tmp_path / "model", tmp_path / "run"
+    write_random_checkpoint("llada", ckpt, seed=0)
+    args = ["eval", "--model", str(ckpt), "--task", "tiny-gsm", "--limit", "2", "--gen-length", "8"]
+    args += ["--device", "cpu", "--out-dir", str(out)]
+    assert cli.invoke(app, args).exit_code == 0
+    monkeypatch.setattr(eval_tasks, "TINY_GSM_SEED", eval_tasks.TINY_GSM_SEED + 1)
+    bad = cli.invoke(app, args)
+    assert bad.exit_code == 2, bad.output
+    assert "holds a row for tiny-gsm/0 with another prompt or gold answer" in bad.output
+    assert len((out / "none.jsonl").read_text().splitlines()) == 2  # nothing lost or appended

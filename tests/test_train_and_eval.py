@@ -58,6 +58,10 @@ def test_training_is_seeded_and_learns(tmp_path):
 def test_tiny_gsm_task_is_fixed():
     a, b = load_task("tiny-gsm", 20), load_task("tiny-gsm", 20)
     assert [p.prompt for p in a] == [p.prompt for p in b] and len(a) == 20
+    # The paraphrase set: the same generator, its own ids, other wordings of the word problems.
+    para = load_task("tiny-gsm-paraphrase", 20)
+    assert [p.id for p in para] == [f"tiny-gsm-paraphrase/{i}" for i in range(20)]
+    assert len({p.prompt for p in para} - {p.prompt for p in load_task("tiny-gsm", 500)}) >= 15
     with pytest.raises(DllmCacheError, match="unknown task 'mmlu'"):
         load_task("mmlu")
 

@@ -301,12 +301,14 @@ def train_demo(
 @app.command("eval")
 def eval_cmd(
     model: ModelOpt = "tiny-llada",
-    task: Annotated[str, typer.Option(help="tiny-gsm | gsm8k | math500 | humaneval | mbpp")] = "tiny-gsm",
+    task: Annotated[
+        str, typer.Option(help="tiny-gsm | tiny-gsm-paraphrase | gsm8k | math500 | humaneval | mbpp")
+    ] = "tiny-gsm",
     cache: Annotated[
         str, typer.Option(help="comma-separated methods, e.g. none,dllm-cache:response_interval=4")
     ] = "none,dllm-cache",
     limit: Annotated[
-        int | None, typer.Option(help="the first N problems (default: all; tiny-gsm 500)")
+        int | None, typer.Option(help="the first N problems (default: all; tiny-gsm: 500)")
     ] = None,
     batch_size: int = 32,
     gen_length: int = 128,

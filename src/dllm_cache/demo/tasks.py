@@ -15,10 +15,16 @@ The test split measures generalisation rather than memorisation, and no test que
 appears in the train split of any seed:
 
 * word problems in the test split use a reserved, disjoint list of names (every word-problem
-  question contains a name), and a share of them uses phrasings that exist only in the test split;
+  question contains a name);
 * warm-up questions carry no name, so their content is partitioned instead: a fixed hash of the
   question text sends each possible question to exactly one split. The arithmetic facts they test
   still occur in training through the word problems.
+
+Each word-problem template also has phrasings that exist only for testing (``held_out_phrasing``,
+test split only; the eval task ``tiny-gsm-paraphrase`` uses them for every word problem). They are
+off in the default test split, on which the demo models are scored: many reserved phrasings bring
+words the train split never contains ("finds 6 more", "in total"), whose meaning a model trained
+from scratch on this data cannot know; the others give the facts in another order.
 
 Number ranges are deliberately *not* held out: numbers are single tokens, and a tiny model cannot
 produce a number token it has never been trained to emit.
@@ -112,9 +118,10 @@ def _solution(lines: Iterable[str], final: object) -> str:
     return "\n".join([*lines, f"#### {final}"])
 
 
-def _pick(rng: random.Random, split: Split, train: list[str], test_only: list[str]) -> str:
-    """A phrasing: train uses only ``train``; test also uses the test-only ones (about 1/3)."""
-    if split == "test" and test_only and rng.random() < 1 / 3:
+def _pick(rng: random.Random, held_out_phrasing: float, train: list[str], test_only: list[str]) -> str:
+    """A phrasing: one of ``test_only`` with probability ``held_out_phrasing``, else one of ``train``."""
+    # (the rng is drawn from only when enabled, so the train stream does not depend on it)
+    if held_out_phrasing and test_only and rng.random() < held_out_phrasing:
         return rng.choice(test_only)
     return rng.choice(train)
 
@@ -127,14 +134,14 @@ def _two(rng: random.Random, names: tuple[_Person, ...]) -> tuple[_Person, _Pers
 # A word-problem generator returns (question, solution lines without the final, final value).
 # The generators fill their question templates with `q.format(**locals(), ...)`: the template
 # fields are exactly the local variable names, which keeps each template next to its numbers.
-_WordGen = Callable[[random.Random, Split, tuple[_Person, ...], bool], tuple[str, list[str], int]]
+_WordGen = Callable[[random.Random, float, tuple[_Person, ...], bool], tuple[str, list[str], int]]
 
 
 # --------------------------------------------------------------------------------------------
-# Word-problem families. Each takes (rng, split, names, two_step).
+# Word-problem families. Each takes (rng, held_out_phrasing, names, two_step).
 
 
-def _shopping(rng: random.Random, split: Split, names: tuple[_Person, ...], two_step: bool):
+def _shopping(rng: random.Random, held_out_phrasing: float, names: tuple[_Person, ...], two_step: bool):
     p = rng.choice(names)
     item = rng.choice(SHOP_ITEMS)
     if not two_step:
@@ -142,7 +149,7 @@ def _shopping(rng: random.Random, split: Split, names: tuple[_Person, ...], two_
         r = a * price
         q = _pick(
             rng,
-            split,
+            held_out_phrasing,
             [
                 "{N} buys {a} {item} for ${price} each. How much does {he} spend?",
                 "{N} buys {a} {item} that cost ${price} each. How much money does {he} spend?",
@@ -158,7 +165,7 @@ def _shopping(rng: random.Random, split: Split, names: tuple[_Person, ...], two_
         r = bill - c
         q = _pick(
             rng,
-            split,
+            held_out_phrasing,
             [
                 "{N} buys {a} {item} for ${price} each and pays with a ${bill} bill. "
                 "How much change does {he} get?",
@@ -175,7 +182,7 @@ def _shopping(rng: random.Random, split: Split, names: tuple[_Person, ...], two_
         r = c + extra
         q = _pick(
             rng,
-            split,
+            held_out_phrasing,
             [
                 "{N} buys {a} {item} for ${price} each and a bag for ${extra}. "
                 "How much does {he} spend in total?",
@@ -188,7 +195,7 @@ def _shopping(rng: random.Random, split: Split, names: tuple[_Person, ...], two_
     return q.format(**locals(), N=p.name, he=p.he), lines, r
 
 
-def _ages(rng: random.Random, split: Split, names: tuple[_Person, ...], two_step: bool):
+def _ages(rng: random.Random, held_out_phrasing: float, names: tuple[_Person, ...], two_step: bool):
     p, m = _two(rng, names)
     a = rng.randint(5, MAX_OPERAND)
     older = rng.random() < 0.5
@@ -199,7 +206,7 @@ def _ages(rng: random.Random, split: Split, names: tuple[_Person, ...], two_step
     if not two_step:
         q = _pick(
             rng,
-            split,
+            held_out_phrasing,
             ["{N} is {a} years old. {M} is {d} years {rel} than {N}. How old is {M}?"],
             ["{M} is {d} years {rel} than {N}. {N} is {a} years old. How old is {M}?"],
         )
@@ -209,7 +216,7 @@ def _ages(rng: random.Random, split: Split, names: tuple[_Person, ...], two_step
         r = x + k
         q = _pick(
             rng,
-            split,
+            held_out_phrasing,
             ["{N} is {a} years old. {M} is {d} years {rel} than {N}. How old will {M} be in {k} years?"],
             ["{N} is {a} years old and {M} is {d} years {rel} than {N}. How old will {M} be in {k} years?"],
         )
@@ -218,7 +225,7 @@ def _ages(rng: random.Random, split: Split, names: tuple[_Person, ...], two_step
         r = a + x
         q = _pick(
             rng,
-            split,
+            held_out_phrasing,
             ["{N} is {a} years old. {M} is {d} years {rel} than {N}. What is the sum of their ages?"],
             ["{N} is {a} years old and {M} is {d} years {rel} than {N}. What is the sum of their ages?"],
         )
@@ -226,7 +233,7 @@ def _ages(rng: random.Random, split: Split, names: tuple[_Person, ...], two_step
     return q.format(**locals(), N=p.name, M=m.name), lines, r
 
 
-def _rates(rng: random.Random, split: Split, names: tuple[_Person, ...], two_step: bool):
+def _rates(rng: random.Random, held_out_phrasing: float, names: tuple[_Person, ...], two_step: bool):
     p = rng.choice(names)
     # 0: one step; 1: then k more; 2: then loses k (only for things one can lose).
     variant = 0 if not two_step else rng.choice([1, 2])
@@ -239,7 +246,7 @@ def _rates(rng: random.Random, split: Split, names: tuple[_Person, ...], two_ste
     if variant == 0:
         q = _pick(
             rng,
-            split,
+            held_out_phrasing,
             [
                 "{N} {v3} {rate} {unit} every {time}. How many {unit} does {he} {v} in {n} {time}s?",
                 "{N} {v3} {rate} {unit} each {time}. How many {unit} does {he} {v} in {n} {time}s?",
@@ -252,7 +259,7 @@ def _rates(rng: random.Random, split: Split, names: tuple[_Person, ...], two_ste
         r = x + k
         q = _pick(
             rng,
-            split,
+            held_out_phrasing,
             [
                 "{N} {v3} {rate} {unit} every {time} for {n} {time}s. Then {he} {v3} {k} more. "
                 "How many {unit} does {he} {v} in all?"
@@ -267,7 +274,7 @@ def _rates(rng: random.Random, split: Split, names: tuple[_Person, ...], two_ste
         r = x - k
         q = _pick(
             rng,
-            split,
+            held_out_phrasing,
             [
                 "{N} {v3} {rate} {unit} every {time} for {n} {time}s. Then {he} loses {k} of them. "
                 "How many {unit} are left?"
@@ -280,7 +287,7 @@ def _rates(rng: random.Random, split: Split, names: tuple[_Person, ...], two_ste
     return q.format(**locals(), N=p.name, he=p.he, He=p.He), lines, r
 
 
-def _sharing(rng: random.Random, split: Split, names: tuple[_Person, ...], two_step: bool):
+def _sharing(rng: random.Random, held_out_phrasing: float, names: tuple[_Person, ...], two_step: bool):
     p = rng.choice(names)
     item = rng.choice(ITEMS)
     k = rng.randint(2, 5)
@@ -290,7 +297,7 @@ def _sharing(rng: random.Random, split: Split, names: tuple[_Person, ...], two_s
         if rng.random() < 0.5:
             q = _pick(
                 rng,
-                split,
+                held_out_phrasing,
                 [
                     "{N} has {a} {item} and shares them equally among {k} friends. "
                     "How many {item} does each friend get?"
@@ -301,7 +308,7 @@ def _sharing(rng: random.Random, split: Split, names: tuple[_Person, ...], two_s
         else:
             q = _pick(
                 rng,
-                split,
+                held_out_phrasing,
                 ["{N} puts {a} {item} into bags of {k}. How many bags does {he} fill?"],
                 ["{N} has {a} {item} and puts them into bags of {k}. How many bags does {he} fill?"],
             )
@@ -313,7 +320,7 @@ def _sharing(rng: random.Random, split: Split, names: tuple[_Person, ...], two_s
     b = total - a
     q = _pick(
         rng,
-        split,
+        held_out_phrasing,
         [
             "{N} has {a} {item} and buys {b} more. {He} shares them equally among {k} friends. "
             "How many {item} does each friend get?"
@@ -326,7 +333,7 @@ def _sharing(rng: random.Random, split: Split, names: tuple[_Person, ...], two_s
     return q.format(**locals(), N=p.name, he=p.he, He=p.He), lines, each
 
 
-def _gain_loss(rng: random.Random, split: Split, names: tuple[_Person, ...], two_step: bool):
+def _gain_loss(rng: random.Random, held_out_phrasing: float, names: tuple[_Person, ...], two_step: bool):
     p, m = _two(rng, names)
     item = rng.choice(ITEMS)
     a = rng.randint(2, MAX_OPERAND)
@@ -336,7 +343,7 @@ def _gain_loss(rng: random.Random, split: Split, names: tuple[_Person, ...], two
             r = a + b
             q = _pick(
                 rng,
-                split,
+                held_out_phrasing,
                 [
                     "{N} has {a} {item}. {He} gets {b} more. How many {item} does {he} have now?",
                     "{N} has {a} {item} and buys {b} more. How many {item} does {he} have now?",
@@ -349,7 +356,7 @@ def _gain_loss(rng: random.Random, split: Split, names: tuple[_Person, ...], two
             r = a - b
             q = _pick(
                 rng,
-                split,
+                held_out_phrasing,
                 [
                     "{N} has {a} {item}. {He} gives {b} to {M}. How many {item} does {N} have left?",
                     "{N} has {a} {item} and loses {b} of them. How many {item} are left?",
@@ -364,7 +371,7 @@ def _gain_loss(rng: random.Random, split: Split, names: tuple[_Person, ...], two
         r = x + c
         q = _pick(
             rng,
-            split,
+            held_out_phrasing,
             [
                 "{N} has {a} {item}. {He} gives away {b} and then finds {c} more. "
                 "How many {item} does {he} have now?",
@@ -378,7 +385,7 @@ def _gain_loss(rng: random.Random, split: Split, names: tuple[_Person, ...], two
     return q.format(**locals(), N=p.name, M=m.name, he=p.he, He=p.He), lines, r
 
 
-def _compare(rng: random.Random, split: Split, names: tuple[_Person, ...], two_step: bool):
+def _compare(rng: random.Random, held_out_phrasing: float, names: tuple[_Person, ...], two_step: bool):
     p, m = _two(rng, names)
     item = rng.choice(ITEMS)
     a = rng.randint(2, MAX_OPERAND)
@@ -388,7 +395,7 @@ def _compare(rng: random.Random, split: Split, names: tuple[_Person, ...], two_s
             r = a + b
             q = _pick(
                 rng,
-                split,
+                held_out_phrasing,
                 ["{N} has {a} {item}. {M} has {b} more {item} than {N}. How many {item} does {M} have?"],
                 ["{M} has {b} more {item} than {N}. {N} has {a} {item}. How many {item} does {M} have?"],
             )
@@ -398,7 +405,7 @@ def _compare(rng: random.Random, split: Split, names: tuple[_Person, ...], two_s
             r = a - b
             q = _pick(
                 rng,
-                split,
+                held_out_phrasing,
                 ["{N} has {a} {item} and {M} has {b}. How many more {item} does {N} have than {M}?"],
                 ["{M} has {b} {item} and {N} has {a}. How many more {item} does {N} have than {M}?"],
             )
@@ -411,7 +418,7 @@ def _compare(rng: random.Random, split: Split, names: tuple[_Person, ...], two_s
         rel = "more" if more else "fewer"
         q = _pick(
             rng,
-            split,
+            held_out_phrasing,
             ["{N} has {a} {item}. {M} has {b} {rel} than {N}. How many {item} do they have together?"],
             ["{N} has {a} {item} and {M} has {b} {rel} than {N}. How many {item} do they have together?"],
         )
@@ -523,6 +530,7 @@ def generate_problems(
     two_step_fraction: float = 0.1,  # short chains: what a CPU-trained tiny model can learn
     skill_weights: dict[str, float] | None = None,
     pseudo_name_fraction: float = 0.0,
+    held_out_phrasing: float = 0.0,
 ) -> list[Problem]:
     """``n`` tiny-GSM problems of ``split``, a deterministic function of (split, seed).
 
@@ -536,12 +544,18 @@ def generate_problems(
     syllables instead of the train names. The tokenizer splits an unseen name into several pieces;
     without such names in training a small model learns fixed token offsets and fails on every
     test problem (whose names are held out). Made-up names never coincide with a test name.
+
+    ``held_out_phrasing`` (test split only) of the word problems use a phrasing reserved for
+    testing, which no train problem uses.
     """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     if pseudo_name_fraction and split != "train":
         raise ValueError("pseudo_name_fraction applies to the train split only")
-    if not all(0.0 <= f <= 1.0 for f in (word_problem_fraction, two_step_fraction, pseudo_name_fraction)):
+    if held_out_phrasing and split != "test":
+        raise ValueError("held_out_phrasing applies to the test split only")
+    fractions = (word_problem_fraction, two_step_fraction, pseudo_name_fraction, held_out_phrasing)
+    if not all(0.0 <= f <= 1.0 for f in fractions):
         raise ValueError("fractions must lie in [0, 1]")
     # String seeds are hashed with SHA-512 by `random`, so this is stable across processes.
     rng = random.Random(f"tiny-gsm/{split}/{seed}")
@@ -570,7 +584,7 @@ def generate_problems(
                 people = tuple(_pseudo_person(rng) for _ in range(4))
                 if len({p.name for p in people}) < 2:
                     continue
-            question, lines, value = WORD_FAMILIES[family](rng, split, people, two_step)
+            question, lines, value = WORD_FAMILIES[family](rng, held_out_phrasing, people, two_step)
             final = str(value)
             answer = _solution(lines, final)
         else:

@@ -204,6 +204,17 @@ class RowStore:
         path.write_text(json.dumps(pinned, indent=2) + "\n", encoding="utf-8")
 
 
+def check_saved_problems(saved: dict[str, Row], problems: list[Problem], out_dir: Path | None) -> None:
+    """Refuse to resume from rows of other problems under the same ids (e.g. a regenerated task)."""
+    for p in problems:
+        row = saved.get(p.id)
+        if row is not None and (row.get("prompt", p.prompt), row.get("gold", p.gold)) != (p.prompt, p.gold):
+            raise DllmCacheError(
+                f"{out_dir} holds a row for {p.id} with another prompt or gold answer than the task "
+                "now gives (the task's problems changed): use another --out-dir"
+            )
+
+
 def glob_escape(s: str) -> str:
     return re.sub(r"([*?\[\]])", r"[\1]", s)
 
@@ -250,6 +261,7 @@ def run_eval(
     todo: dict[str, list[Problem]] = {}
     for m in spec.methods:
         done = store.saved(m) if store is not None else {}
+        check_saved_problems(done, share, out_dir)
         todo[m] = [p for p in share if p.id not in done]
     if hooks.on_total is not None:
         hooks.on_total(sum(len(t) for t in todo.values()))

@@ -2,7 +2,8 @@
 
 | task | data (see `dllm_cache.eval.data`) | prompt | scored by |
 | --- | --- | --- | --- |
-| tiny-gsm | generated (seed 1234, split test) | the question | GSM8K answer rules (`answers.py`) |
+| tiny-gsm | generated (seed 1234, split test: held-out names) | the question | GSM8K answer rules (`answers.py`) |
+| tiny-gsm-paraphrase | the same, every word problem in a phrasing reserved for testing | the question | GSM8K answer rules |
 | gsm8k | gsm8k/test.jsonl (+ train.jsonl for shots) | chat: zero-shot; base: 4-shot | the number after ``####``, else the last number |
 | math500 | math500/test.jsonl | chat: zero-shot, ``\\boxed{}``; base: 4-shot (Minerva) | last ``\\boxed{}``, LaTeX equivalence (`math_answers.py`) |
 | humaneval | humaneval/HumanEval.jsonl.gz | chat: complete the function in a code block; base: the raw prompt | pass@1: the tests run on prompt + completion (`execution.py`) |
@@ -27,8 +28,10 @@ from dllm_cache.eval.data import data_file, read_jsonl
 from dllm_cache.eval.execution import extract_code, run_program, truncate_at
 from dllm_cache.eval.math_answers import extract_math_answer, last_boxed, math_equal
 
-# The fixed held-out tiny-GSM set: split "test" of the generator with this seed.
+# The fixed held-out tiny-GSM sets: split "test" of the generator with this seed, and the share of
+# word problems in a phrasing reserved for testing (see `dllm_cache.demo.tasks`).
 TINY_GSM_SEED = 1234
+TINY_GSM_PHRASING = {"tiny-gsm": 0.0, "tiny-gsm-paraphrase": 1.0}
 DEFAULT_EXEC_TIMEOUT_S = 10.0
 
 
@@ -59,6 +62,7 @@ class TaskInfo:
 
 TASKS: dict[str, TaskInfo] = {
     "tiny-gsm": TaskInfo((), 0, 0),
+    "tiny-gsm-paraphrase": TaskInfo((), 0, 0),
     "gsm8k": TaskInfo(("gsm8k/test.jsonl", "gsm8k/train.jsonl"), 4, 7473),
     "math500": TaskInfo(("math500/test.jsonl",), 4, 4),
     "humaneval": TaskInfo(("humaneval/HumanEval.jsonl.gz",), 0, 0),
@@ -99,7 +103,7 @@ def load_task(
     chat: bool = True,
     exec_timeout_s: float = DEFAULT_EXEC_TIMEOUT_S,
 ) -> list[Problem]:
-    """The first `limit` problems of `task` (all when None; tiny-gsm: 500).
+    """The first `limit` problems of `task` (all when None; tiny-gsm and tiny-gsm-paraphrase: 500).
 
     `chat`: whether the model has a chat template (and chat prompts are wanted); with `fewshot`
     (None: the default for chat / base models) it decides the prompt format, see the module docstring.
@@ -108,14 +112,12 @@ def load_task(
         raise DllmCacheError(f"--limit must be positive, got {limit}")
     shots, use_chat = resolve_prompting(task, fewshot, chat)
     check_task_data(task, data_dir)
-    if task == "tiny-gsm":
+    if task in TINY_GSM_PHRASING:
         from dllm_cache.demo.tasks import generate_problems
 
         n = limit or 500
-        return [
-            Problem(f"tiny-gsm/{i}", p.question, p.final, chat=chat)
-            for i, p in enumerate(generate_problems(n, "test", TINY_GSM_SEED))
-        ]
+        problems = generate_problems(n, "test", TINY_GSM_SEED, held_out_phrasing=TINY_GSM_PHRASING[task])
+        return [Problem(f"{task}/{i}", p.question, p.final, chat=chat) for i, p in enumerate(problems)]
     loader: Callable[..., list[Problem]] = _LOADERS[task]
     return loader(limit, data_dir, shots, use_chat, exec_timeout_s)
 
