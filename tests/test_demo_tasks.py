@@ -21,8 +21,10 @@ from dllm_cache.demo.tasks import (
     WARMUP_WEIGHTS,
     WORD_FAMILIES,
     WORD_PROBLEM_FRACTION,
+    generate_pair_problems,
     generate_problems,
     names_corpus,
+    pair_is_right,
     training_corpus,
 )
 from dllm_cache.demo.tokenizer import save_tokenizer, special_token_ids, train_tokenizer
@@ -358,3 +360,40 @@ def test_pseudo_names_are_train_only_and_never_test_names():
     )
     with pytest.raises(ValueError, match="train split only"):
         generate_problems(10, "test", seed=0, pseudo_name_fraction=0.5)
+
+
+def test_pair_problems():
+    """Split a total in two: deterministic per seed, names held out, several right answers."""
+    train = generate_pair_problems(400, "train", seed=0)
+    assert (
+        train == generate_pair_problems(400, "train", seed=0) != generate_pair_problems(400, "train", seed=1)
+    )
+    test = generate_pair_problems(300, "test", seed=0)
+    assert len({p.question for p in test}) == 300 and not {p.question for p in test} & {
+        p.question for p in train
+    }
+    test_names = re.compile(r"\b(" + "|".join(p.name for p in TEST_NAMES) + r")\b")
+    assert not any(test_names.search(p.question) for p in train)
+    for p in train + test:
+        a, b = map(int, p.final.split(", "))
+        assert p.answer == f"{a} + {b} = {a + b} {p.answer.split()[5]}\n#### {a}, {b}"
+        assert str(a + b) in p.question and pair_is_right(extract_answer(p.answer), a + b)
+    # The first number is a free choice: many splits of one total occur.
+    assert len({p.final for p in train if p.final.endswith(", " + str(10 - int(p.final.split(",")[0])))}) >= 5
+
+
+@pytest.mark.parametrize(
+    ("prediction", "total", "right"),
+    [
+        ("4, 5", 9, True),
+        ("1, 8", 9, True),
+        ("4, 4", 9, False),
+        ("9, 0", 9, False),
+        ("4", 9, False),
+        ("4, 5, 0", 9, False),
+        ("a, b", 9, False),
+        (None, 9, False),
+    ],
+)
+def test_pair_is_right(prediction, total, right):
+    assert pair_is_right(prediction, total) is right

@@ -110,3 +110,24 @@ def test_eval_command_compares_methods(tmp_path):
     assert all(len(texts) == 1 for texts in by_id.values())
     bad = runner.invoke(app, [*args, "--cache", "none,fast"])
     assert bad.exit_code == 2 and "unknown cache policy 'fast'" in bad.output
+
+
+def test_tiny_gsm_pairs_task_scores_any_right_split():
+    from dllm_cache.eval.tasks import score
+
+    problems = load_task("tiny-gsm-pairs", 30)
+    assert [p.id for p in problems] == [f"tiny-gsm-pairs/{i}" for i in range(30)]
+    p = problems[0]
+    total = sum(map(int, p.gold.split(", ")))
+    assert p.kind == "pair" and p.meta == {"total": total} and f" {total} " in p.prompt
+    assert score(p, f"1 + {total - 1} = {total}\n#### 1, {total - 1}").correct
+    assert score(p, f"#### {total - 1}, 1").correct
+    assert not score(p, f"#### 1, {total}").correct
+    assert not score(p, f"#### {total}").correct
+
+
+def test_train_demo_rejects_bad_fractions(tmp_path):
+    with pytest.raises(DllmCacheError, match=r"--pairs must lie in \[0, 1\), got 1.5"):
+        train(TrainConfig(pair_fraction=1.5), tmp_path / "out")
+    with pytest.raises(DllmCacheError, match=r"--pseudo-names must lie in \[0, 1\], got -0.1"):
+        train(TrainConfig(pseudo_name_fraction=-0.1), tmp_path / "out")

@@ -269,6 +269,9 @@ def train_demo(
     pseudo_names: Annotated[
         float, typer.Option(help="fraction of word problems with made-up names (0-1)")
     ] = 0.5,
+    pairs: Annotated[
+        float, typer.Option(help="fraction of training problems that are pair problems (tiny-gsm-pairs)")
+    ] = 0.0,
     device: DeviceOpt = "auto",
 ) -> None:
     """Train a demo model (tiny-llada, tiny-dream or tiny-ar) on tiny GSM and write an HF checkpoint."""
@@ -290,6 +293,7 @@ def train_demo(
             amp=amp,
             train_problems=train_problems,
             pseudo_name_fraction=pseudo_names,
+            pair_fraction=pairs,
         )
         dev = resolve_device(device)
         summary = train(

@@ -603,6 +603,79 @@ def generate_problems(
     return problems
 
 
+# --------------------------------------------------------------------------------------------
+# Pair problems: several answers are right, and the two numbers must agree
+
+
+PAIR_FAMILY = "pair"
+
+
+def _pair(
+    rng: random.Random, held_out_phrasing: float, names: tuple[_Person, ...]
+) -> tuple[str, str, int, int]:
+    p = rng.choice(names)
+    item = rng.choice(ITEMS)
+    # Totals up to MAX_OPERAND: the second number is then a subtraction fact the model knows well.
+    total = rng.randint(3, MAX_OPERAND)
+    a = rng.randint(1, total - 1)
+    b = total - a
+    q = _pick(
+        rng,
+        held_out_phrasing,
+        [
+            "{N} puts {total} {item} into two boxes, at least one in each. How many {item} can go in each box?",
+            "{N} splits {total} {item} into two piles with at least one in each. How many {item} can be in each pile?",
+        ],
+        [],
+    )
+    answer = _solution([f"{a} + {b} = {total} {item}"], f"{a}, {b}")
+    return q.format(**locals(), N=p.name), answer, a, b
+
+
+def generate_pair_problems(
+    n: int, split: Split = "train", seed: int = 0, *, pseudo_name_fraction: float = 0.0
+) -> list[Problem]:
+    """``n`` pair problems of ``split``: split a total into two positive parts (``final`` is one
+    right answer, "a, b"; any two positive numbers with the right sum are right, see `pair_is_right`).
+
+    Unlike the other problems, the answer is not a function of the question: the first number is a
+    free choice and the second must agree with it. A model that decides every position in one pass
+    picks each from its own marginal and mostly breaks the sum; iterative decoding commits one, then
+    the other in its light. This makes accuracy depend on decoding order and on how stale a cache's
+    view of the committed tokens is. Names are held out per split as in `generate_problems`.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if pseudo_name_fraction and split != "train":
+        raise ValueError("pseudo_name_fraction applies to the train split only")
+    rng = random.Random(f"tiny-gsm-pairs/{split}/{seed}")
+    names = TEST_NAMES if split == "test" else TRAIN_NAMES
+    problems: list[Problem] = []
+    seen: set[str] = set()
+    while len(problems) < n:
+        people = names
+        if pseudo_name_fraction and rng.random() < pseudo_name_fraction:
+            people = (_pseudo_person(rng),)
+        question, answer, a, b = _pair(rng, 0.0, people)
+        if split == "test":
+            if question in seen:
+                continue
+            seen.add(question)
+        problems.append(Problem(question=question, answer=answer, final=f"{a}, {b}", family=PAIR_FAMILY))
+    return problems
+
+
+def pair_is_right(prediction: str | None, total: int) -> bool:
+    """Whether an extracted answer names two positive whole numbers that add up to ``total``."""
+    if prediction is None:
+        return False
+    parts = [x.strip() for x in prediction.split(",")]
+    if len(parts) != 2 or not all(x.isdigit() for x in parts):
+        return False
+    a, b = int(parts[0]), int(parts[1])
+    return a >= 1 and b >= 1 and a + b == total
+
+
 def training_corpus(problems: Iterable[Problem]) -> Iterator[str]:
     """The texts to train a tokenizer on: each problem's question, then its answer."""
     for p in problems:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dllm_cache.demo.tasks import TOKENIZER_MIX, generate_problems, training_corpus
+from dllm_cache.demo.tasks import TOKENIZER_MIX, generate_pair_problems, generate_problems, training_corpus
 from dllm_cache.demo.tokenizer import save_tokenizer, special_token_ids, train_tokenizer
 from dllm_cache.errors import DllmCacheError
 from dllm_cache.models.loading import load_model, resolve_model_dir, save_checkpoint
@@ -52,6 +52,7 @@ class TrainConfig:
     # the model also learns to stop and to ignore a long masked tail (generation length 128).
     answer_lengths: tuple[int, ...] = (20, 20, 20, 20, 20, 128)
     pseudo_name_fraction: float = 0.5  # word problems with made-up names (see demo/tasks.py)
+    pair_fraction: float = 0.0  # share of the training problems that are pair problems
     amp: str = "bf16"  # autocast dtype for the forward ("none": fp32); bf16 is ~1.8x faster on CPU
     eps: float = 1e-3
     seed: int = 0
@@ -79,8 +80,12 @@ def build_tokenizer(cfg: TrainConfig):
     else:
         corpus = generate_problems(TOKENIZER_PROBLEMS, "train", cfg.seed, **TOKENIZER_MIX)
         tok = train_tokenizer(training_corpus(corpus), family_of(cfg.arch), vocab_size=cfg.vocab_size)
+    n_pairs = round(cfg.train_problems * cfg.pair_fraction)
     problems = generate_problems(
-        cfg.train_problems, "train", cfg.seed, pseudo_name_fraction=cfg.pseudo_name_fraction
+        cfg.train_problems - n_pairs, "train", cfg.seed, pseudo_name_fraction=cfg.pseudo_name_fraction
+    )
+    problems += generate_pair_problems(
+        n_pairs, "train", cfg.seed, pseudo_name_fraction=cfg.pseudo_name_fraction
     )
     return tok, problems
 
@@ -176,6 +181,10 @@ def train(
         raise DllmCacheError(f"unknown arch {cfg.arch!r} (choose {', '.join(ARCHES)})")
     if cfg.amp not in ("bf16", "none"):
         raise DllmCacheError(f"unknown amp {cfg.amp!r} (choose bf16, none)")
+    if not 0.0 <= cfg.pseudo_name_fraction <= 1.0:
+        raise DllmCacheError(f"--pseudo-names must lie in [0, 1], got {cfg.pseudo_name_fraction}")
+    if not 0.0 <= cfg.pair_fraction < 1.0:
+        raise DllmCacheError(f"--pairs must lie in [0, 1), got {cfg.pair_fraction}")
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)

@@ -4,6 +4,7 @@
 | --- | --- | --- | --- |
 | tiny-gsm | generated (seed 1234, split test: held-out names) | the question | GSM8K answer rules (`answers.py`) |
 | tiny-gsm-paraphrase | the same, every word problem in a phrasing reserved for testing | the question | GSM8K answer rules |
+| tiny-gsm-pairs | generated pair problems (seed 1234, split test): split a total in two | the question | any two positive numbers with that sum |
 | gsm8k | gsm8k/test.jsonl (+ train.jsonl for shots) | chat: zero-shot; base: 4-shot | the number after ``####``, else the last number |
 | math500 | math500/test.jsonl | chat: zero-shot, ``\\boxed{}``; base: 4-shot (Minerva) | last ``\\boxed{}``, LaTeX equivalence (`math_answers.py`) |
 | humaneval | humaneval/HumanEval.jsonl.gz | chat: complete the function in a code block; base: the raw prompt | pass@1: the tests run on prompt + completion (`execution.py`) |
@@ -22,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from dllm_cache.demo.tasks import pair_is_right
 from dllm_cache.errors import DllmCacheError
 from dllm_cache.eval.answers import answers_match, extract_answer
 from dllm_cache.eval.data import data_file, read_jsonl
@@ -40,7 +42,7 @@ class Problem:
     id: str
     prompt: str
     gold: str
-    kind: str = "gsm"  # how an output is scored: gsm | math | humaneval | mbpp
+    kind: str = "gsm"  # how an output is scored: gsm | pair | math | humaneval | mbpp
     chat: bool = True  # wrap the prompt in the model's chat template
     stop: tuple[str, ...] = ()  # the output is cut at the first of these before scoring
     meta: dict[str, Any] = field(default_factory=dict)  # code tasks: tests, entry point, timeout
@@ -63,6 +65,7 @@ class TaskInfo:
 TASKS: dict[str, TaskInfo] = {
     "tiny-gsm": TaskInfo((), 0, 0),
     "tiny-gsm-paraphrase": TaskInfo((), 0, 0),
+    "tiny-gsm-pairs": TaskInfo((), 0, 0),
     "gsm8k": TaskInfo(("gsm8k/test.jsonl", "gsm8k/train.jsonl"), 4, 7473),
     "math500": TaskInfo(("math500/test.jsonl",), 4, 4),
     "humaneval": TaskInfo(("humaneval/HumanEval.jsonl.gz",), 0, 0),
@@ -103,7 +106,7 @@ def load_task(
     chat: bool = True,
     exec_timeout_s: float = DEFAULT_EXEC_TIMEOUT_S,
 ) -> list[Problem]:
-    """The first `limit` problems of `task` (all when None; tiny-gsm and tiny-gsm-paraphrase: 500).
+    """The first `limit` problems of `task` (all when None; the generated tiny-gsm tasks: 500).
 
     `chat`: whether the model has a chat template (and chat prompts are wanted); with `fewshot`
     (None: the default for chat / base models) it decides the prompt format, see the module docstring.
@@ -118,6 +121,15 @@ def load_task(
         n = limit or 500
         problems = generate_problems(n, "test", TINY_GSM_SEED, held_out_phrasing=TINY_GSM_PHRASING[task])
         return [Problem(f"{task}/{i}", p.question, p.final, chat=chat) for i, p in enumerate(problems)]
+    if task == "tiny-gsm-pairs":
+        from dllm_cache.demo.tasks import generate_pair_problems
+
+        return [
+            Problem(
+                f"{task}/{i}", p.question, p.final, kind="pair", chat=chat, meta={"total": _pair_sum(p.final)}
+            )
+            for i, p in enumerate(generate_pair_problems(limit or 500, "test", TINY_GSM_SEED))
+        ]
     loader: Callable[..., list[Problem]] = _LOADERS[task]
     return loader(limit, data_dir, shots, use_chat, exec_timeout_s)
 
@@ -327,12 +339,19 @@ _LOADERS: dict[str, Callable[..., list[Problem]]] = {
 # ---------------------------------------------------------------- scoring
 
 
+def _pair_sum(final: str) -> int:
+    return sum(int(x) for x in final.split(","))
+
+
 def score(problem: Problem, output: str) -> Score:
     """Extract the answer from a model output (cut at the problem's stop sequences) and grade it."""
     text = truncate_at(output, problem.stop)
     if problem.kind == "gsm":
         pred = extract_answer(text)
         return Score(pred, answers_match(pred, problem.gold))
+    if problem.kind == "pair":  # several answers are right: two positive numbers with the sum
+        pred = extract_answer(text)
+        return Score(pred, pair_is_right(pred, problem.meta["total"]))
     if problem.kind == "math":
         pred = extract_math_answer(text)
         return Score(pred, math_equal(pred, problem.gold))
