@@ -55,3 +55,29 @@ def test_dllm_cache_exact_at_interval_one_on_the_trained_model(fifty):
     for r in rows:
         texts.setdefault(r["id"], set()).add(r["text"])
     assert all(len(t) == 1 for t in texts.values())
+
+
+# dLLM-Cache that never refreshes: one full pass per block, then cached features only.
+NEVER_REFRESHED = "dllm-cache:prompt_interval=1000:response_interval=1000:transfer_ratio=0"
+
+
+def test_a_too_stale_cache_breaks_pair_answers():
+    """Pair problems (two positive numbers with a given sum: the second must agree with the first)
+    are where tiny-llada's accuracy falls when a cache is too stale. Uncached decoding solves them;
+    a cache never refreshed, or one whose prompt features are kept while the answer is recomputed
+    every step, mostly breaks the sum (the model reads the committed first number through the
+    prompt's features, which those caches hold from before it was written). At interval 1 the
+    cache reproduces the uncached answers exactly."""
+    llm = load("tiny-llada")
+    problems = load_task("tiny-gsm-pairs", 40)
+    methods = ["none", "dllm-cache:prompt_interval=1:response_interval=1", NEVER_REFRESHED]
+    methods.append("dllm-cache:response_interval=1")
+    (none, exact, never, stale_prompt), rows = compare(
+        llm, problems, methods, GenerationConfig(gen_length=32, block_length=32), batch_size=40
+    )
+    assert none.correct >= 38, f"{none.correct}/40"
+    texts = {}
+    for r in rows:
+        texts.setdefault(r["method"], []).append(r["text"])
+    assert texts[methods[0]] == texts[methods[1]]
+    assert never.correct <= 25 and stale_prompt.correct <= 25, (never.correct, stale_prompt.correct)
