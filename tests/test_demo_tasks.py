@@ -378,6 +378,9 @@ def test_pair_problems():
         a, b = map(int, p.final.split(", "))
         assert p.answer == f"{a} + {b} = {a + b} {p.answer.split()[5]}\n#### {a}, {b}"
         assert str(a + b) in p.question and pair_is_right(extract_answer(p.answer), a + b)
+    # More unique test questions than exist: a clear error, not an endless loop.
+    with pytest.raises(RuntimeError, match="could not draw 5000 unique test problems"):
+        generate_pair_problems(5000, "test", seed=0)
     # The first number is a free choice: many splits of one total occur.
     assert len({p.final for p in train if p.final.endswith(", " + str(10 - int(p.final.split(",")[0])))}) >= 5
 

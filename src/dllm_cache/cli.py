@@ -306,7 +306,10 @@ def train_demo(
 def eval_cmd(
     model: ModelOpt = "tiny-llada",
     task: Annotated[
-        str, typer.Option(help="tiny-gsm | tiny-gsm-paraphrase | gsm8k | math500 | humaneval | mbpp")
+        str,
+        typer.Option(
+            help="tiny-gsm | tiny-gsm-paraphrase | tiny-gsm-pairs | gsm8k | math500 | humaneval | mbpp"
+        ),
     ] = "tiny-gsm",
     cache: Annotated[
         str, typer.Option(help="comma-separated methods, e.g. none,dllm-cache:response_interval=4")

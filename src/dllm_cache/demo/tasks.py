@@ -548,10 +548,7 @@ def generate_problems(
     ``held_out_phrasing`` (test split only) of the word problems use a phrasing reserved for
     testing, which no train problem uses.
     """
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    if pseudo_name_fraction and split != "train":
-        raise ValueError("pseudo_name_fraction applies to the train split only")
+    _check_split(split, pseudo_name_fraction)
     if held_out_phrasing and split != "test":
         raise ValueError("held_out_phrasing applies to the test split only")
     fractions = (word_problem_fraction, two_step_fraction, pseudo_name_fraction, held_out_phrasing)
@@ -568,13 +565,7 @@ def generate_problems(
     skill_weights_list = [weights[s] for s in skills]
     want_test = split == "test"
 
-    problems: list[Problem] = []
-    seen: set[str] = set()
-    attempts = 0
-    while len(problems) < n:
-        attempts += 1
-        if attempts > 100 * n + 1000:
-            raise RuntimeError(f"could not draw {n} unique {split} problems")
+    def draw() -> Problem | None:
         if rng.random() < word_problem_fraction:
             family = rng.choice(families)
             two_step = rng.random() < two_step_fraction
@@ -583,23 +574,44 @@ def generate_problems(
             if pseudo_name_fraction and rng.random() < pseudo_name_fraction:
                 people = tuple(_pseudo_person(rng) for _ in range(4))
                 if len({p.name for p in people}) < 2:
-                    continue
+                    return None
             question, lines, value = WORD_FAMILIES[family](rng, held_out_phrasing, people, two_step)
-            final = str(value)
-            answer = _solution(lines, final)
-        else:
-            family = rng.choices(skills, weights=skill_weights_list)[0]
-            # Redraw within the skill until the question belongs to this split, so the
-            # partition does not change the mix of families.
-            while True:
-                question, answer, final = WARMUP_SKILLS[family](rng)
-                if _is_test_question(question) == want_test:
-                    break
-        if want_test:
-            if question in seen:
+            return Problem(question, _solution(lines, value), str(value), family)
+        family = rng.choices(skills, weights=skill_weights_list)[0]
+        # Redraw within the skill until the question belongs to this split, so the
+        # partition does not change the mix of families.
+        while True:
+            question, answer, final = WARMUP_SKILLS[family](rng)
+            if _is_test_question(question) == want_test:
+                return Problem(question, answer, final, family)
+
+    return _collect(n, split, draw)
+
+
+def _check_split(split: str, pseudo_name_fraction: float) -> None:
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if pseudo_name_fraction and split != "train":
+        raise ValueError("pseudo_name_fraction applies to the train split only")
+
+
+def _collect(n: int, split: Split, draw: Callable[[], Problem | None]) -> list[Problem]:
+    """``n`` problems from ``draw`` (None: a draw to discard). Test questions are kept unique."""
+    problems: list[Problem] = []
+    seen: set[str] = set()
+    attempts = 0
+    while len(problems) < n:
+        attempts += 1
+        if attempts > 100 * n + 1000:
+            raise RuntimeError(f"could not draw {n} unique {split} problems")
+        problem = draw()
+        if problem is None:
+            continue
+        if split == "test":
+            if problem.question in seen:
                 continue
-            seen.add(question)
-        problems.append(Problem(question=question, answer=answer, final=final, family=family))
+            seen.add(problem.question)
+        problems.append(problem)
     return problems
 
 
@@ -610,26 +622,23 @@ def generate_problems(
 PAIR_FAMILY = "pair"
 
 
-def _pair(
-    rng: random.Random, held_out_phrasing: float, names: tuple[_Person, ...]
-) -> tuple[str, str, int, int]:
+def _pair(rng: random.Random, names: tuple[_Person, ...]) -> Problem:
     p = rng.choice(names)
     item = rng.choice(ITEMS)
     # Totals up to MAX_OPERAND: the second number is then a subtraction fact the model knows well.
     total = rng.randint(3, MAX_OPERAND)
     a = rng.randint(1, total - 1)
     b = total - a
-    q = _pick(
-        rng,
-        held_out_phrasing,
+    q = rng.choice(
         [
             "{N} puts {total} {item} into two boxes, at least one in each. How many {item} can go in each box?",
             "{N} splits {total} {item} into two piles with at least one in each. How many {item} can be in each pile?",
-        ],
-        [],
+        ]
     )
-    answer = _solution([f"{a} + {b} = {total} {item}"], f"{a}, {b}")
-    return q.format(**locals(), N=p.name), answer, a, b
+    final = f"{a}, {b}"
+    return Problem(
+        q.format(**locals(), N=p.name), _solution([f"{a} + {b} = {total} {item}"], final), final, PAIR_FAMILY
+    )
 
 
 def generate_pair_problems(
@@ -644,25 +653,16 @@ def generate_pair_problems(
     the other in its light. This makes accuracy depend on decoding order and on how stale a cache's
     view of the committed tokens is. Names are held out per split as in `generate_problems`.
     """
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    if pseudo_name_fraction and split != "train":
-        raise ValueError("pseudo_name_fraction applies to the train split only")
+    _check_split(split, pseudo_name_fraction)
     rng = random.Random(f"tiny-gsm-pairs/{split}/{seed}")
     names = TEST_NAMES if split == "test" else TRAIN_NAMES
-    problems: list[Problem] = []
-    seen: set[str] = set()
-    while len(problems) < n:
-        people = names
+
+    def draw() -> Problem:
         if pseudo_name_fraction and rng.random() < pseudo_name_fraction:
-            people = (_pseudo_person(rng),)
-        question, answer, a, b = _pair(rng, 0.0, people)
-        if split == "test":
-            if question in seen:
-                continue
-            seen.add(question)
-        problems.append(Problem(question=question, answer=answer, final=f"{a}, {b}", family=PAIR_FAMILY))
-    return problems
+            return _pair(rng, (_pseudo_person(rng),))
+        return _pair(rng, names)
+
+    return _collect(n, split, draw)
 
 
 def pair_is_right(prediction: str | None, total: int) -> bool:

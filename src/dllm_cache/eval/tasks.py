@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from dllm_cache.demo.tasks import pair_is_right
+from dllm_cache.demo.tasks import generate_pair_problems, generate_problems, pair_is_right
 from dllm_cache.errors import DllmCacheError
 from dllm_cache.eval.answers import answers_match, extract_answer
 from dllm_cache.eval.data import data_file, read_jsonl
@@ -116,14 +116,10 @@ def load_task(
     shots, use_chat = resolve_prompting(task, fewshot, chat)
     check_task_data(task, data_dir)
     if task in TINY_GSM_PHRASING:
-        from dllm_cache.demo.tasks import generate_problems
-
         n = limit or 500
         problems = generate_problems(n, "test", TINY_GSM_SEED, held_out_phrasing=TINY_GSM_PHRASING[task])
         return [Problem(f"{task}/{i}", p.question, p.final, chat=chat) for i, p in enumerate(problems)]
     if task == "tiny-gsm-pairs":
-        from dllm_cache.demo.tasks import generate_pair_problems
-
         return [
             Problem(
                 f"{task}/{i}", p.question, p.final, kind="pair", chat=chat, meta={"total": _pair_sum(p.final)}
