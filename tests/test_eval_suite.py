@@ -338,7 +338,7 @@ def test_eval_writes_rows_and_summaries_then_resumes(tmp_path, monkeypatch):
 
 
 def test_eval_refuses_to_resume_rows_of_a_changed_checkpoint(tmp_path):
-    from dllm_cache.models.random_checkpoint import write_random_checkpoint
+    from dllm_cache.demo.random_checkpoint import write_random_checkpoint
 
     ckpt, out = tmp_path / "model", tmp_path / "run"
     write_random_checkpoint("llada", ckpt, seed=0)
@@ -465,8 +465,8 @@ def test_data_paths_resolve_beside_the_checkout():
 def test_eval_refuses_to_resume_rows_of_other_problems(tmp_path, monkeypatch):
     """Rows saved for a task whose problems have since changed (same ids, other questions, e.g. a
     new generator) are not mixed into the new run."""
+    from dllm_cache.demo.random_checkpoint import write_random_checkpoint
     from dllm_cache.eval import tasks as eval_tasks
-    from dllm_cache.models.random_checkpoint import write_random_checkpoint
 
     ckpt, out = tmp_path / "model", tmp_path / "run"
     write_random_checkpoint("llada", ckpt, seed=0)

@@ -13,9 +13,9 @@ import openai
 import pytest
 import uvicorn
 
+from dllm_cache.demo.random_checkpoint import write_random_checkpoint
 from dllm_cache.engine import generate
 from dllm_cache.models.loading import load
-from dllm_cache.models.random_checkpoint import write_random_checkpoint
 from dllm_cache.serve.app import create_app
 
 GEN = 16

@@ -238,7 +238,7 @@ def init_random(
 ) -> None:
     """Write a small random checkpoint (with a demo tokenizer) in the family's HF format."""
     with user_errors():
-        from dllm_cache.models.random_checkpoint import write_random_checkpoint
+        from dllm_cache.demo.random_checkpoint import write_random_checkpoint
 
         path = write_random_checkpoint(arch, out, n_layers=layers, d_model=d_model, n_heads=heads, seed=seed)
     console.print(f"wrote {path}")

@@ -17,15 +17,14 @@ import torch
 from torch import Tensor
 
 from dllm_cache.cache import make_policy
-from dllm_cache.cache.base import CachePolicy, FeatureCache, StepState, column_range
 from dllm_cache.decoding import Decoder, DreamDecoder, LLaDADecoder
 from dllm_cache.decoding.certainty import CertaintyPriorDecoder
 from dllm_cache.decoding.guided import GenerationContext, GuidedDecoder
 from dllm_cache.decoding.parallel import EarlyCommit, FactorDecoder, ThresholdDecoder
 from dllm_cache.errors import GenerationError
+from dllm_cache.models.active import CachePolicy, FeatureCache, ForwardStats, StepState, column_range
 from dllm_cache.models.loading import DLLM, load
 from dllm_cache.models.tokenizer import encode_prompt
-from dllm_cache.models.transformer import ForwardStats
 
 Prompt = str | Sequence[int]
 

@@ -31,7 +31,7 @@ from dllm_cache.cache.base import StepState, rows_from_mask, shifted_left
 from dllm_cache.decoding.base import top_k_per_row
 from dllm_cache.decoding.certainty import certainty_density
 from dllm_cache.errors import GenerationError
-from dllm_cache.models.transformer import LayerView
+from dllm_cache.models.active import LayerView
 
 
 class D2Cache:

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from dllm_cache.cache.base import StepState, column_range, rows_from_mask, shifted_left
 from dllm_cache.errors import GenerationError
-from dllm_cache.models.transformer import LayerView
+from dllm_cache.models.active import LayerView
 
 VARIANTS = ("decode", "prefill", "greedy")
 

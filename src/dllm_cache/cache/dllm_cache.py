@@ -20,7 +20,7 @@ from torch import Tensor
 
 from dllm_cache.cache.base import StepState, column_range
 from dllm_cache.errors import GenerationError
-from dllm_cache.models.transformer import LayerView, gather_rows
+from dllm_cache.models.active import LayerView, gather_rows
 
 # Named settings (prompt_interval, response_interval, transfer_ratio). Sources: the official release's
 # demo and evaluation scripts (gen 256, steps 256), and our measurements on the demo models.

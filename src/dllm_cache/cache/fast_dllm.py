@@ -21,7 +21,7 @@ from torch import Tensor
 
 from dllm_cache.cache.base import StepState, column_range
 from dllm_cache.errors import GenerationError
-from dllm_cache.models.transformer import LayerView
+from dllm_cache.models.active import LayerView
 
 MODES = ("prefix", "dual")
 

@@ -25,12 +25,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dllm_cache.cache.base import FeatureCache, rows_from_mask
 from dllm_cache.decoding.base import Commit, computed
 from dllm_cache.errors import GenerationError
+from dllm_cache.models.active import FeatureCache, ForwardStats, rows_from_mask
 from dllm_cache.models.loading import DLLM
 from dllm_cache.models.tokenizer import END_OF_TURN_TOKENS, encode_prompt
-from dllm_cache.models.transformer import ForwardStats
 
 # (AR probabilities [B, N, V], draft ids in the AR vocabulary [B, N]) -> agree [B, N] bool
 Agreement = Callable[[Tensor, Tensor], Tensor]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dllm_cache.models.transformer import ModelConfig
+from dllm_cache.models.config import ModelConfig
 
 MODEL_TYPES = {"Dream": "dream", "dream": "dream", "qwen2": "qwen2"}
 

@@ -20,7 +20,8 @@ from safetensors.torch import save_file
 
 from dllm_cache.errors import ModelLoadError
 from dllm_cache.models import dream, llada
-from dllm_cache.models.transformer import ModelConfig, Transformer
+from dllm_cache.models.config import ModelConfig
+from dllm_cache.models.transformer import Transformer
 
 CHECKPOINTS_DIR = Path(__file__).resolve().parent.parent / "checkpoints"
 DEFAULT_MODEL = "tiny-llada"

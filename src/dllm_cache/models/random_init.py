@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from dllm_cache.models.transformer import ModelConfig, Transformer
+from dllm_cache.models.config import ModelConfig
+from dllm_cache.models.transformer import Transformer
 
 # Special-token ids of the tiny models sit at the start of the vocabulary, as in the demo tokenizers.
 TINY_IDS = {

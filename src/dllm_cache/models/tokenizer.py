@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from dllm_cache.errors import GenerationError, ModelLoadError
-from dllm_cache.models.transformer import ModelConfig
+from dllm_cache.models.config import ModelConfig
 
 # End-of-turn markers of the two chat formats: an answer is complete at either one or at EOS.
 END_OF_TURN_TOKENS = ("<|eot_id|>", "<|im_end|>")

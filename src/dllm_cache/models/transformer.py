@@ -11,46 +11,22 @@ FFN outputs) held in a `FeatureCache`. Queries of A attend to the *full* cached 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-if TYPE_CHECKING:
-    from dllm_cache.cache.base import CachePolicy, FeatureCache
+from dllm_cache.models.active import (
+    CachePolicy,
+    FeatureCache,
+    ForwardStats,
+    LayerView,
+    gather_rows,
+    scatter_rows,
+)
+from dllm_cache.models.config import ModelConfig
 
-
-@dataclass
-class ModelConfig:
-    """Family-independent hyperparameters (parsed from each family's config.json)."""
-
-    arch: str  # "llada" | "dream" | "qwen2"
-    vocab_size: int
-    d_model: int
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    d_ff: int
-    rope_theta: float
-    norm_eps: float
-    qkv_bias: bool
-    max_seq_len: int
-    mask_token_id: int | None
-    eos_token_id: int
-    pad_token_id: int
-    bos_token_id: int | None = None
-    causal: bool = False  # the AR guide; dLLMs attend bidirectionally
-    shift_logits: bool = False  # Dream: logits at i-1 predict token i
-    tie_embeddings: bool = False
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
-
-    def linear_params_per_layer(self) -> int:
-        d, kv = self.d_model, self.n_kv_heads * self.head_dim
-        return d * d * 2 + d * kv * 2 + 3 * d * self.d_ff
+__all__ = ["Block", "ForwardStats", "ModelConfig", "RMSNorm", "SequenceLayout", "Transformer", "gather_rows"]
 
 
 class RMSNorm(nn.Module):
@@ -129,27 +105,6 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return out.to(x.dtype)
 
 
-def gather_rows(t: Tensor, rows: Tensor | None, dim: int = 1) -> Tensor:
-    """t[b, rows[b]] along `dim` (1 for [B, L, ...], 2 for [B, H, L, hd])."""
-    if rows is None:
-        return t
-    shape = [1] * t.dim()
-    shape[0], shape[dim] = rows.shape
-    idx = rows.view(shape).expand(*t.shape[:dim], rows.shape[1], *t.shape[dim + 1 :])
-    return t.gather(dim, idx)
-
-
-def scatter_rows(dst: Tensor, rows: Tensor | None, src: Tensor, dim: int = 1) -> None:
-    """dst[b, rows[b]] = src in place (the whole tensor when rows is None)."""
-    if rows is None:
-        dst.copy_(src)
-        return
-    shape = [1] * dst.dim()
-    shape[0], shape[dim] = rows.shape
-    idx = rows.view(shape).expand(*dst.shape[:dim], rows.shape[1], *dst.shape[dim + 1 :])
-    dst.scatter_(dim, idx, src)
-
-
 @dataclass
 class SequenceLayout:
     """What stays fixed for one batch of sequences during a generation: positions, masks, RoPE angles."""
@@ -172,29 +127,6 @@ class SequenceLayout:
         q_idx = torch.arange(L, device=mask.device).expand(B, L) if rows is None else rows
         k_idx = torch.arange(L, device=mask.device)
         return mask & (k_idx[None, None, None, :] <= q_idx[:, None, :, None])
-
-
-class LayerView:
-    """What a per-layer policy may look at before choosing the layer's active rows."""
-
-    def __init__(self, model: Transformer, layer: int, h: Tensor, cache: FeatureCache, stats: ForwardStats):
-        self.model, self.layer, self.h, self.cache, self.stats = model, layer, h, cache, stats
-
-    def values(self, rows: Tensor) -> Tensor:
-        """Fresh V [B, Hkv, k, hd] for `rows` from this layer's current input (norm + v_proj only)."""
-        block = self.model.blocks[self.layer]
-        self.stats.flops += 2 * block.v_proj.weight.numel() * rows.numel()
-        return block.values(gather_rows(self.h, rows))
-
-
-@dataclass
-class ForwardStats:
-    """Counted from the shapes actually computed (docs/architecture.md, "Stats")."""
-
-    forwards: int = 0
-    position_layers: int = 0  # sum over layers of rows recomputed (x batch)
-    position_layers_total: int = 0  # what full forwards would have computed
-    flops: float = 0.0
 
 
 class Transformer(nn.Module):
@@ -272,7 +204,7 @@ class Transformer(nn.Module):
             active = rows
             if per_layer:
                 assert cache is not None and policy is not None
-                active = policy.select(i, LayerView(self, i, h, cache, stats))
+                active = policy.select(i, LayerView(block, i, h, cache, stats))
             k_active = n_rows if active is None else active.shape[1]
             self._count(stats, B, k_active, L)
             if cache is None:  # no caching at all: the plain forward
@@ -315,10 +247,14 @@ class Transformer(nn.Module):
         # Rows the policy skipped have no features: their logits are NaN (the decoder may only
         # need the masked ones; the engine checks that those were computed).
         skipped = logit_rows < 0
-        stats.flops += 2 * cfg.d_model * cfg.vocab_size * int((~skipped).sum())
+        lm_flops = 2 * cfg.d_model * cfg.vocab_size
+        if rows is None:
+            stats.flops += lm_flops * logit_rows.numel()
+        else:  # how many were computed is data-dependent: counted on the device, read at the end
+            stats.add_device_flops(lm_flops * (~skipped).sum(dtype=torch.float64))
         out = self.final_norm(gather_rows(h, logit_rows.clamp(min=0)))
         logits = self.lm_head(out).float()
-        return logits.masked_fill(skipped[..., None], float("nan")) if skipped.any() else logits
+        return logits.masked_fill(skipped[..., None], float("nan"))
 
     def _count(self, stats: ForwardStats, B: int, k: int, L: int) -> None:
         cfg = self.config

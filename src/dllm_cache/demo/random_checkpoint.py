@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from dllm_cache.demo.tasks import generate_problems, training_corpus
+from dllm_cache.demo.tokenizer import save_tokenizer, special_token_ids, train_tokenizer
 from dllm_cache.errors import DllmCacheError
 from dllm_cache.models.loading import save_checkpoint
 from dllm_cache.models.random_init import random_model, tiny_config
@@ -15,9 +17,6 @@ ARCHES = ("llada", "dream", "qwen2")
 def write_random_checkpoint(
     arch: str, out: str | Path, n_layers: int = 2, d_model: int = 64, n_heads: int = 4, seed: int = 0
 ) -> Path:
-    from dllm_cache.demo.tasks import generate_problems, training_corpus
-    from dllm_cache.demo.tokenizer import save_tokenizer, special_token_ids, train_tokenizer
-
     if arch not in ARCHES:
         raise DllmCacheError(f"unknown arch {arch!r} (choose {', '.join(ARCHES)})")
     if d_model % n_heads or (d_model // n_heads) % 2:
