@@ -263,15 +263,21 @@ def generate(
     if hasattr(inner, "begin_generation"):
         inner.begin_generation(context)
     observe_confidence = getattr(policy, "observe_confidence", None)
+    row_bound = getattr(policy, "row_bound", None)
+    dynamic = getattr(decoder, "dynamic", False)
     n = 0
     row_steps = torch.zeros(B, dtype=torch.long, device=device)  # steps each row still needed
+    x_in = _model_input(x, attn, P, mask_id, use_cfg)
+    # What the host knows between steps, from one read per step: which blocks still hold masks
+    # (all of them at the start), and the row budget of a data-dependent policy.
+    blocks_open, row_budget = [True] * n_blocks, None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         torch.cuda.synchronize(device)
     start = time.perf_counter()
     for blk in range(n_blocks):
         bs, be = P + blk * block_len, P + (blk + 1) * block_len
-        if not (x[:, bs:be] == mask_id).any():
+        if not blocks_open[blk]:
             continue  # every row finished early
         context.block_start = bs - P
         decoder.start_block(x[:, bs:be] == mask_id, steps_per_block)
@@ -280,18 +286,13 @@ def generate(
             logit_rows = torch.cat([logit_rows, logit_rows])
         # Parallel (threshold) decoders finish a block in as many steps as they need, at least one
         # token per step; the reference samplers spend exactly steps_per_block.
-        for s in range(block_len if getattr(decoder, "dynamic", False) else steps_per_block):
+        for s in range(block_len if dynamic else steps_per_block):
+            # The step: tensor operations only, no host read until the end (tests/test_sync_free.py).
             masked_block = x[:, bs:be] == mask_id
-            if not masked_block.any():
-                break
             row_steps += masked_block.any(1)
-            x_in = x
-            if use_cfg:
-                x_uncond = x.clone()
-                x_uncond[:, :P][attn[:B, :P]] = mask_id
-                x_in = torch.cat([x, x_uncond])
-            masked_all = x_in == mask_id
-            state = StepState(n, s, blk, bs, be, P, L, masked_all, just_committed, bool(shift))
+            state = StepState(
+                n, s, blk, bs, be, P, L, x_in == mask_id, just_committed, bool(shift), row_budget
+            )
             rows = policy.begin_step(state)
             logits = model.forward_active(x_in, layout, feature_cache, policy, rows, logit_rows, fstats)
             if use_cfg:
@@ -301,19 +302,18 @@ def generate(
             if observe_confidence is not None:
                 conf = logits.softmax(-1).amax(-1)
                 observe_confidence(logit_rows + shift, torch.cat([conf, conf]) if use_cfg else conf)
-            if skipped.any():
-                if (skipped & masked_block).any():
-                    # A dynamic decoder commits among the computed masked rows (NaN logits on the
-                    # others, see decoding/base.py); it needs at least one per unfinished row.
-                    ready = (masked_block & ~skipped).any(1) | ~masked_block.any(1)
-                    if not getattr(decoder, "dynamic", False) or not bool(ready.all()):
-                        raise RuntimeError(f"cache policy {policy.name!r} skipped a row the decoder needs")
-                    logits = torch.where((skipped & ~masked_block)[..., None], 0.0, logits)
-                else:
-                    logits = logits.nan_to_num(0.0)
+            # Rows a policy skipped: committed ones get harmless logits; masked ones may only be
+            # skipped for a dynamic decoder, which commits among the computed masked rows (NaN logits
+            # on the others, see decoding/base.py) and needs at least one per unfinished row.
+            if dynamic:
+                ready = (masked_block & ~skipped).any(1) | ~masked_block.any(1)
+                misses = ~ready.all()
+            else:
+                misses = (skipped & masked_block).any()
+            logits = torch.where((skipped & ~masked_block)[..., None], 0.0, logits)
             commit = decoder.step(logits, masked_block, s, generator)
             block_x = x[:, bs:be]
-            block_x[commit.positions] = commit.tokens[commit.positions]
+            block_x.copy_(torch.where(commit.positions, commit.tokens, block_x))
             committed = torch.zeros((B, L), dtype=torch.bool, device=device)
             committed[:, bs:be] = commit.positions
             if config.early_stop:
@@ -321,13 +321,26 @@ def generate(
             just_committed = torch.cat([committed, committed]) if use_cfg else committed
             state.just_committed = just_committed
             policy.end_step(state)
+            x_in = _model_input(x, attn, P, mask_id, use_cfg)
+            # The step's one host read: open blocks, the decoder check and the next row budget.
+            facts = [(x[:, P:] == mask_id).view(B, n_blocks, block_len).any(2).any(0), misses[None]]
+            if row_bound is not None:
+                facts.append(row_bound(x_in == mask_id, just_committed).reshape(1))
+            host = torch.cat([f.long() for f in facts]).tolist()
+            if host[n_blocks]:
+                raise RuntimeError(f"cache policy {policy.name!r} skipped a row the decoder needs")
+            blocks_open = [bool(f) for f in host[:n_blocks]]
+            if row_bound is not None:
+                row_budget = host[n_blocks + 1]
             if records is not None:
                 records.append(_record(n, blk, committed, x, commit, bs, be, P))
             n += 1
             if progress is not None:
                 progress(n, steps)
             if on_step is not None:
-                on_step(StepEvent(n, blk, x[:, P:], mask_id, not (x[:, bs:be] == mask_id).any()))
+                on_step(StepEvent(n, blk, x[:, P:], mask_id, not blocks_open[blk]))
+            if not blocks_open[blk]:
+                break
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     wall = time.perf_counter() - start
@@ -345,6 +358,17 @@ def _as_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
     return list(prompts)  # type: ignore[arg-type]
 
 
+def _model_input(x: Tensor, attn: Tensor, P: int, mask_id: int, use_cfg: bool) -> Tensor:
+    """What the model sees: x, and with classifier-free guidance also the unconditional rows (the
+    same sequence with the prompt masked)."""
+    if not use_cfg:
+        return x
+    B = x.shape[0]
+    x_uncond = x.clone()
+    x_uncond[:, :P].masked_fill_(attn[:B, :P], mask_id)
+    return torch.cat([x, x_uncond])
+
+
 def _finish_rows(x: Tensor, P: int, mask_id: int, end_ids: Tensor, eos_id: int) -> Tensor:
     """Early stop: a row whose answer has an end token with everything before it committed is done;
     its remaining masks become EOS. Returns the positions so filled."""
@@ -352,7 +376,7 @@ def _finish_rows(x: Tensor, P: int, mask_id: int, end_ids: Tensor, eos_id: int) 
     masked = ans == mask_id
     done = (torch.isin(ans, end_ids) & (masked.long().cumsum(1) == 0)).any(1)
     fill = masked & done[:, None]
-    ans[fill] = eos_id
+    ans.masked_fill_(fill, eos_id)
     out = torch.zeros_like(x, dtype=torch.bool)
     out[:, P:] = fill
     return out
@@ -407,11 +431,11 @@ def _result(
         position_layers=fstats.position_layers,
         position_layers_total=fstats.position_layers_total,
         recompute_fraction=fstats.position_layers / total,
-        flops=fstats.flops,
+        flops=fstats.total_flops(),
         peak_memory_bytes=_peak_memory(x.device),
         cache_bytes=feature_cache.nbytes() if feature_cache is not None else 0,
         guide_nfe=guide_stats.forwards if guide_stats is not None else 0,
-        guide_flops=guide_stats.flops if guide_stats is not None else 0.0,
+        guide_flops=guide_stats.total_flops() if guide_stats is not None else 0.0,
         row_nfe=[k * (2 if use_cfg else 1) for k in row_steps],
         # The verifier runs once per step over every row that still has masks.
         guide_row_nfe=list(row_steps) if guide_stats is not None else [0] * len(row_steps),

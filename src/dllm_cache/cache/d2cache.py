@@ -69,7 +69,7 @@ class D2Cache:
         }
 
     def _reset(self) -> None:
-        self.next_rows: Tensor | None = None
+        self.next_selected: Tensor | None = None  # [B, L] bool: the rows of the next step
         self.confidence: Tensor | None = None  # [B, L] last known confidence per position
         self.attention: list[tuple[Tensor | None, Tensor]] = []  # this step's (rows, probs) per layer
 
@@ -102,7 +102,17 @@ class D2Cache:
             self._reset()
             self.confidence = torch.zeros(state.masked.shape, dtype=torch.float64, device=state.masked.device)
         self.attention = []
-        return self.next_rows
+        if self.next_selected is None:
+            return None
+        if state.row_budget is None:  # counted here (a host read)
+            return None if bool(self.next_selected.all()) else rows_from_mask(self.next_selected)
+        return rows_from_mask(self.next_selected, state.row_budget)
+
+    def row_bound(self, masked: Tensor, just_committed: Tensor) -> Tensor:
+        """The next step's row count (chosen in end_step)."""
+        if self.next_selected is None:
+            return masked.new_full((), masked.shape[1], dtype=torch.long)
+        return self.next_selected.sum(1).max()
 
     def select(self, layer: int, view: LayerView) -> Tensor | None:
         return None
@@ -111,8 +121,7 @@ class D2Cache:
         masked = state.masked & ~state.just_committed  # masked rows after this step
         selected = self._masked_rows(state, masked) | state.just_committed
         selected |= self._rollout_rows(masked, selected)
-        selected = inflate(selected, self.inflate_w)
-        self.next_rows = None if bool(selected.all()) else rows_from_mask(selected)
+        self.next_selected = inflate(selected, self.inflate_w)
 
     def _masked_rows(self, state: StepState, masked: Tensor) -> Tensor:
         """Stage 1: the top-current_k masked rows by confidence x certainty density."""
@@ -124,9 +133,8 @@ class D2Cache:
         score = self.confidence * density
         # search range: from the block start to the first block boundary with >= current_k masked
         # (per batch row, so a row's choice never depends on the others)
-        bounds = torch.tensor(
-            [*range(state.block_end, L, block), L], device=masked.device, dtype=torch.long
-        ).unique()
+        # (the answer is whole blocks, so L is the last of these bounds)
+        bounds = torch.arange(state.block_end, L + 1, block, device=masked.device)
         counts = masked[:, state.block_start :].long().cumsum(1)[:, bounds - state.block_start - 1]
         reached = counts >= self.current_k
         first = torch.where(
@@ -147,9 +155,8 @@ class D2Cache:
         in_block[:, : state.block_start] = False
         in_block[:, state.block_end :] = False
         missing = in_block.any(1) & ~(chosen & in_block).any(1)
-        if missing.any():
-            best = score.masked_fill(~in_block, float("-inf")).argmax(1)
-            chosen[missing, best[missing]] = True
+        best = score.masked_fill(~in_block, float("-inf")).argmax(1, keepdim=True)
+        chosen = chosen | torch.zeros_like(chosen).scatter(1, best, missing[:, None])
         if state.shift:  # Dream: row i-1 produces the logits of position i
             chosen = chosen | shifted_left(chosen)
         return chosen

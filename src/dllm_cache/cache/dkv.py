@@ -63,12 +63,19 @@ class DKVCache:
             limit = min(L, state.block_end + self.window)
             masked[:, limit:] = False
             masked[:, : state.block_start] = False
-        active = masked | state.just_committed
-        if state.shift:
-            active |= shifted_left(masked)
-        if not active.any():
-            active[:, state.block_start] = True  # nothing left to decode in this batch row
-        return rows_from_mask(active)
+        active = self._decode_rows(masked, state.just_committed, state.shift)
+        active[:, state.block_start] |= ~active.any()  # nothing left to decode in the batch
+        return rows_from_mask(active, state.row_budget)
+
+    @staticmethod
+    def _decode_rows(masked: Tensor, just_committed: Tensor, shift: bool) -> Tensor:
+        active = masked | just_committed
+        return active | shifted_left(masked) if shift else active
+
+    def row_bound(self, masked: Tensor, just_committed: Tensor) -> Tensor:
+        """At most this many rows next step: the decode set with Dream's shifted rows (a superset for
+        LLaDA; greedy's window only takes rows away), at least the one row of an empty batch."""
+        return self._decode_rows(masked, just_committed, True).sum(1).max().clamp(min=1)
 
     def select(self, layer: int, view: LayerView) -> Tensor | None:
         return None

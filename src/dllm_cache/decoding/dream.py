@@ -61,7 +61,7 @@ class DreamDecoder:
         last = step_in_block == self.steps - 1
         tokens, conf, probs = self._sample(logits, generator)
         if self.alg == "origin":
-            p_transfer = 1.0 if last else float(1 - s / t)
+            p_transfer = 1.0 if last else 1 - s / t  # a device scalar: no host read
             u = torch.rand(masked.shape, device=masked.device, generator=generator)
             return Commit(masked & (u < p_transfer), tokens, conf)
         if self.alg == "topk_margin":

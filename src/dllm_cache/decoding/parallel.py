@@ -98,7 +98,7 @@ class EarlyCommit:
         self.inner, self.margin = inner, margin
         self.name = f"{inner.name}+early-commit"
         self.dynamic = inner.dynamic
-        self.early_commits = 0
+        self.early_commits: Tensor | int = 0  # a device count (no host read per step); int() to read
 
     def start_block(self, masked: Tensor, steps: int) -> None:
         self.inner.start_block(masked, steps)
@@ -108,9 +108,7 @@ class EarlyCommit:
         top2 = logits.to(torch.float64).softmax(-1).topk(2, dim=-1)
         gap = top2.values[..., 0] - top2.values[..., 1]
         sure = ((gap >= self.margin) | ~masked).all(1, keepdim=True) & masked.any(1, keepdim=True)
-        if not sure.any():
-            return commit
-        self.early_commits += int(sure.sum())
+        self.early_commits = self.early_commits + sure.sum()
         positions = torch.where(sure, masked, commit.positions)
         tokens = torch.where(sure, top2.indices[..., 0], commit.tokens)
         return Commit(positions, tokens, commit.confidence)
