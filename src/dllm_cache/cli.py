@@ -126,6 +126,9 @@ def generate(
     as_json: Annotated[
         bool, typer.Option("--json", help="print one JSON object {text, tokens, stats}")
     ] = False,
+    no_graphs: Annotated[
+        bool, typer.Option("--no-graphs", help="run every denoising forward eagerly (no CUDA graphs)")
+    ] = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
 ) -> None:
@@ -165,6 +168,7 @@ def generate(
                 cfg_scale=cfg_scale,
                 seed=seed,
                 chat=not no_chat,
+                graphs=not no_graphs,
                 **overrides,
             )
     if as_json:

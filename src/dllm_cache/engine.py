@@ -24,6 +24,7 @@ from dllm_cache.decoding.parallel import EarlyCommit, FactorDecoder, ThresholdDe
 from dllm_cache.errors import GenerationError
 from dllm_cache.models.active import CachePolicy, FeatureCache, ForwardStats, StepState, column_range
 from dllm_cache.models.loading import DLLM, load
+from dllm_cache.models.step_graphs import StepForward, step_mode
 from dllm_cache.models.tokenizer import encode_prompt
 
 Prompt = str | Sequence[int]
@@ -53,6 +54,10 @@ class GenerationConfig:
     early_commit_margin: float | None = None  # Prophet: commit all when every top1-top2 gap >= this
     chat: bool = True  # wrap text prompts in the tokenizer's chat template
     record_steps: bool = False
+    # The denoising forward: True/"auto" replays it as CUDA graphs on CUDA (static shapes, captured
+    # once per shape) and runs it eagerly elsewhere; False/"off" always eagerly (the reference, what
+    # --no-graphs gives); "static" the static shapes and buffers without capture (models/step_graphs.py).
+    graphs: bool | str = True
 
 
 @dataclass
@@ -265,6 +270,11 @@ def generate(
     observe_confidence = getattr(policy, "observe_confidence", None)
     row_bound = getattr(policy, "row_bound", None)
     dynamic = getattr(decoder, "dynamic", False)
+    try:
+        mode = step_mode(config.graphs, device)
+    except ValueError as e:
+        raise GenerationError(str(e)) from None
+    forward = StepForward(model, layout, feature_cache, policy, fstats, mode)
     n = 0
     row_steps = torch.zeros(B, dtype=torch.long, device=device)  # steps each row still needed
     x_in = _model_input(x, attn, P, mask_id, use_cfg)
@@ -294,7 +304,7 @@ def generate(
                 n, s, blk, bs, be, P, L, x_in == mask_id, just_committed, bool(shift), row_budget
             )
             rows = policy.begin_step(state)
-            logits = model.forward_active(x_in, layout, feature_cache, policy, rows, logit_rows, fstats)
+            logits = forward(x_in, rows, logit_rows)
             if use_cfg:
                 cond, uncond = logits[:B], logits[B:]
                 logits = uncond + (config.cfg_scale + 1) * (cond - uncond)

@@ -81,6 +81,12 @@ class DLLMCache:
         self._state = state
         return None  # per-layer selection
 
+    def graph_key(self) -> tuple[bool, bool]:
+        """Besides shapes, what changes the coming forward's work: which refreshes are due."""
+        assert self._state is not None, "begin_step must be called first"
+        n = self._state.step
+        return n % self.prompt_interval == 0, n % self.response_interval == 0
+
     def select(self, layer: int, view: LayerView) -> Tensor | None:
         state = self._state
         assert state is not None, "begin_step must be called first"
