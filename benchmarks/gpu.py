@@ -74,13 +74,99 @@ def random_prompts(cfg: ModelConfig, batch: int, length: int, seed: int) -> list
     return ids.tolist()
 
 
+def chip_rates(device: torch.device, dtype: torch.dtype, small: bool) -> dict[str, float]:
+    """The chip's matmul rate (FLOP/s, square n x n x n in the benchmark dtype) and memory bandwidth
+    (bytes/s read + written by a large copy), measured now: the floors of every row use these."""
+
+    def timed(fn: Any, reps: int) -> float:
+        """The best of `reps` timings (a shared machine only ever slows a run down)."""
+        fn()
+        best = float("inf")
+        for _ in range(reps):
+            _sync(device)
+            t = time.perf_counter()
+            fn()
+            _sync(device)
+            best = min(best, time.perf_counter() - t)
+        return best
+
+    n = 1024 if small else 8192
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    matmul_s = timed(lambda: a @ b, 10 if small else 20)
+    numel = (16 if small else 512) * 2**20 // torch.finfo(dtype).bits * 8
+    src, dst = torch.empty(numel, device=device, dtype=dtype), torch.empty(numel, device=device, dtype=dtype)
+    copy_s = timed(lambda: dst.copy_(src), 10 if small else 20)
+    return {"matmul_flops_per_s": 2 * n**3 / matmul_s, "bytes_per_s": 2 * src.nbytes / copy_s}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def weight_bytes_per_forward(model: torch.nn.Module) -> int:
+    """Bytes of weights a forward reads: every matrix once; of the embedding only the rows looked up
+    (nothing, at this scale), unless it is tied to the LM head."""
+    embed = model.embed.weight
+    tied = model.lm_head.weight is embed
+    return sum(p.numel() * p.element_size() for p in model.parameters() if tied or p is not embed)
+
+
+LAUNCH_EVENTS = ("LaunchKernel", "GraphLaunch", "cuLaunch")
+
+
+def launches_in_one_step(
+    llm: DLLM,
+    method: str,
+    prompts: list[list[int]],
+    gen: int,
+    steps: int | None,
+    block: int,
+    seed: int,
+    graphs: bool,
+) -> int:
+    """Kernel launches of one denoising step, profiled in the middle of a generation (after every
+    graph of the generation's first block is captured). CUDA: runtime launch calls (a graph replay
+    is one); CPU: leaf aten operator calls."""
+    from torch.profiler import ProfilerActivity, profile
+
+    device = llm.model.device
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    prof = profile(activities=activities)
+    total = steps or gen
+    mark = min(max(total // 2, block + 1), total - 1)  # a step of a later block
+
+    def progress(done: int, _total: int) -> None:
+        if done == mark:
+            prof.start()
+        elif done == mark + 1:
+            _sync(device)
+            prof.stop()
+
+    run_one(llm, method, prompts, gen, steps, block, seed, graphs, progress=progress)
+    events = prof.events()
+    if device.type == "cuda":
+        return sum(1 for e in events if any(k in e.name for k in LAUNCH_EVENTS))
+    return sum(1 for e in events if e.name.startswith("aten::") and not e.cpu_children)
+
+
 def run_one(
-    llm: DLLM, method: str, prompts: list[list[int]], gen: int, steps: int | None, block: int, seed: int
+    llm: DLLM,
+    method: str,
+    prompts: list[list[int]],
+    gen: int,
+    steps: int | None,
+    block: int,
+    seed: int,
+    graphs: bool = True,
+    progress: Any = None,
 ) -> dict[str, Any]:
     m = parse_method(method)
-    config = GenerationConfig(gen_length=gen, steps=steps, block_length=block, chat=False, seed=seed)
+    config = GenerationConfig(
+        gen_length=gen, steps=steps, block_length=block, chat=False, seed=seed, graphs=graphs
+    )
     config = dataclasses.replace(config, **m.overrides)
-    out = generate(llm, prompts, config, cache=m.policy())
+    out = generate(llm, prompts, config, cache=m.policy(), progress=progress)
     s = out.stats
     return {
         "tokens_per_s": s.tokens_per_s,
@@ -103,8 +189,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated presets / method specs")
     ap.add_argument("--gen", type=int, nargs="+", default=None, help="answer lengths (default 256 512)")
     ap.add_argument("--batch", type=int, nargs="+", default=None, help="batch sizes (default 1 16)")
-    ap.add_argument("--prompt", type=int, default=None, help="prompt tokens (default 256; --tiny 32)")
+    ap.add_argument(
+        "--prompt", type=int, nargs="+", default=None, help="prompt tokens (default 256; --tiny 32)"
+    )
     ap.add_argument("--steps", type=int, default=None, help="denoising steps (default: gen, 1 token/step)")
+    ap.add_argument(
+        "--tokens-per-step", type=int, default=None, help="steps = gen / this (overrides --steps)"
+    )
+    ap.add_argument("--no-graphs", action="store_true", help="eager denoising forwards (no CUDA graphs)")
+    ap.add_argument("--no-profile", action="store_true", help="skip the profiled step (launches per NFE)")
     ap.add_argument("--block-length", type=int, default=32, help="block for every method (presets agree)")
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     ap.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
@@ -124,7 +217,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         ap.error(f"unknown shape {unknown[0]!r} (choose {', '.join([*CONFIG_DIRS, *TINY_SHAPES])})")
     args.gen = args.gen or ([32] if args.tiny else [256, 512])
     args.batch = args.batch or ([1, 2] if args.tiny else [1, 16])
-    args.prompt = args.prompt or (32 if args.tiny else 256)
+    args.prompt = args.prompt or [32 if args.tiny else 256]
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error(f"--device {args.device}: CUDA is not available (use --tiny --device cpu for a smoke test)")
@@ -138,20 +231,36 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| shape | method | gen | batch | tokens/s | speed-up | wall s | NFE | recomputed | peak GiB | cache GiB |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| shape | method | prompt | gen | steps | batch | tokens/s | speed-up | ms/NFE | floor ms/NFE | "
+        "efficiency | launches/NFE | NFE | recomputed | peak GiB | cache GiB |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
-        head = f"| {r['shape']} | {r['method']} | {r['gen']} | {r['batch']} |"
+        head = f"| {r['shape']} | {r['method']} | {r['prompt']} | {r['gen']} | {r['steps']} | {r['batch']} |"
         if "error" in r:
-            lines.append(f"{head} {r['error']} | | | | | | |")
+            lines.append(f"{head} {r['error']} |" + " |" * 9)
             continue
         speedup = f"{r['speedup']:.2f}x" if "speedup" in r else "-"
+        launches = f"{r['launches_per_nfe']}" if r.get("launches_per_nfe") is not None else "-"
         lines.append(
-            f"{head} {r['tokens_per_s']:.1f} | {speedup} | {r['wall_time_s']:.2f} | "
-            f"{r['nfe']} | {r['recompute_fraction']:.1%} | {r['peak_memory_gib']:.2f} | {r['cache_gib']:.2f} |"
+            f"{head} {r['tokens_per_s']:.1f} | {speedup} | {r['ms_per_nfe']:.2f} | {r['floor_ms_per_nfe']:.2f} | "
+            f"{r['efficiency']:.0%} | {launches} | {r['nfe']} | {r['recompute_fraction']:.1%} | "
+            f"{r['peak_memory_gib']:.2f} | {r['cache_gib']:.2f} |"
         )
     return "\n".join(lines)
+
+
+def add_floor(row: dict[str, Any], rates: dict[str, float], weight_bytes: int) -> None:
+    """ms per NFE against the floor of that work: reading the weights once per forward, or its
+    counted FLOPs at the measured matmul rate, whichever is longer (KV/feature-cache traffic and
+    attention's softmax are not in the floor)."""
+    nfe = max(row["nfe"], 1)
+    row["ms_per_nfe"] = 1e3 * row["wall_time_s"] / nfe
+    read_ms = 1e3 * weight_bytes / rates["bytes_per_s"]
+    compute_ms = 1e3 * row["tflops"] * 1e12 / nfe / rates["matmul_flops_per_s"]
+    row["floor_ms_per_nfe"] = max(read_ms, compute_ms)
+    row["floor_bound"] = "weights" if read_ms >= compute_ms else "compute"
+    row["efficiency"] = row["floor_ms_per_nfe"] / row["ms_per_nfe"]
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -166,7 +275,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "torch": torch.__version__,
         "prompt": args.prompt,
         "steps": args.steps or "gen",
+        "tokens_per_step": args.tokens_per_step,
         "block_length": args.block_length,
+        "graphs": not args.no_graphs,
         "command": " ".join(["python benchmarks/gpu.py", *(sys.argv[1:] if argv is None else argv)]),
         "notes": NOTES,
         "shapes": {},
@@ -179,50 +290,85 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")
 
+    rates = chip_rates(device, dtype, small=args.tiny or device.type == "cpu")
+    report["chip"] = rates
+    print(
+        f"# chip: matmul {rates['matmul_flops_per_s'] / 1e12:.3g} TFLOP/s, "
+        f"copy {rates['bytes_per_s'] / 1e9:.1f} GB/s (read + write)",
+        file=sys.stderr,
+    )
+    save()
+    graphs = not args.no_graphs
     for shape in args.shapes:
         cfg = shape_config(shape, args.config_dir)
         model = random_model(cfg, args.seed, device=device, dtype=dtype).eval().requires_grad_(False)
         llm = DLLM(model, None, Path(f"random:{shape}"), [cfg.eos_token_id])
         n_params = sum(p.numel() for p in model.parameters())
-        report["shapes"][shape] = {"params": n_params, "layers": cfg.n_layers, "d_model": cfg.d_model}
+        weight_bytes = weight_bytes_per_forward(model)
+        report["shapes"][shape] = {
+            "params": n_params,
+            "layers": cfg.n_layers,
+            "d_model": cfg.d_model,
+            "weight_bytes_per_forward": weight_bytes,
+        }
         print(f"# {shape}: {n_params / 1e6:,.1f}M parameters, {dtype}, {report['device']}", file=sys.stderr)
         if not args.no_warmup:  # kernels, allocator and cuBLAS heuristics: not part of any timing
-            warm = random_prompts(cfg, 1, args.prompt, args.seed)
+            warm = random_prompts(cfg, 1, args.prompt[0], args.seed)
             for method in args.methods:
-                run_one(llm, method, warm, args.block_length, None, args.block_length, args.seed)
-        for gen in args.gen:
-            for batch in args.batch:
-                prompts = random_prompts(cfg, batch, args.prompt, args.seed)
-                group: list[dict[str, Any]] = []
-                for method in args.methods:
-                    row: dict[str, Any] = {"shape": shape, "method": method, "gen": gen, "batch": batch}
-                    if args.budget_s is not None and time.perf_counter() - start > args.budget_s:
-                        row["error"] = "skipped (--budget-s)"
-                    else:
-                        try:
-                            row.update(
-                                run_one(llm, method, prompts, gen, args.steps, args.block_length, args.seed)
-                            )
-                        except torch.cuda.OutOfMemoryError:
-                            row["error"] = "out of memory"
-                            torch.cuda.empty_cache()
-                    rows.append(row)
-                    group.append(row)
+                run_one(llm, method, warm, args.block_length, None, args.block_length, args.seed, graphs)
+        for prompt_len in args.prompt:
+            for gen in args.gen:
+                steps = gen // args.tokens_per_step if args.tokens_per_step else args.steps
+                for batch in args.batch:
+                    prompts = random_prompts(cfg, batch, prompt_len, args.seed)
+                    group: list[dict[str, Any]] = []
+                    for method in args.methods:
+                        row: dict[str, Any] = {
+                            "shape": shape,
+                            "method": method,
+                            "prompt": prompt_len,
+                            "gen": gen,
+                            "steps": steps or gen,
+                            "batch": batch,
+                        }
+                        if args.budget_s is not None and time.perf_counter() - start > args.budget_s:
+                            row["error"] = "skipped (--budget-s)"
+                        else:
+                            try:
+                                row.update(
+                                    run_one(
+                                        llm, method, prompts, gen, steps, args.block_length, args.seed, graphs
+                                    )
+                                )
+                                add_floor(row, rates, weight_bytes)
+                                if not args.no_profile:
+                                    # a short generation of two blocks, one step of the second profiled
+                                    g2 = 2 * args.block_length
+                                    s2 = g2 * (steps or gen) // gen
+                                    launches = launches_in_one_step(
+                                        llm, method, prompts, g2, s2, args.block_length, args.seed, graphs
+                                    )
+                                    row["launches_per_nfe"] = launches
+                            except torch.cuda.OutOfMemoryError:
+                                row["error"] = "out of memory"
+                                torch.cuda.empty_cache()
+                        rows.append(row)
+                        group.append(row)
+                        save()
+                        print(markdown([row]).splitlines()[-1], file=sys.stderr, flush=True)
+                    base = next(
+                        (r["tokens_per_s"] for r in group if r["method"] == "none" and "error" not in r), None
+                    )
+                    for r in group:
+                        if base and "error" not in r:
+                            r["speedup"] = r["tokens_per_s"] / base
                     save()
-                    print(markdown([row]).splitlines()[-1], file=sys.stderr, flush=True)
-                base = next(
-                    (r["tokens_per_s"] for r in group if r["method"] == "none" and "error" not in r), None
-                )
-                for r in group:
-                    if base and "error" not in r:
-                        r["speedup"] = r["tokens_per_s"] / base
-                save()
         del model, llm
         if device.type == "cuda":
             torch.cuda.empty_cache()
     report["total_s"] = time.perf_counter() - start
     save()
-    print(f"`{report['command']}` on {report['device']}, {report['dtype']}, prompt {args.prompt} tokens\n")
+    print(f"`{report['command']}` on {report['device']}, {report['dtype']}, graphs {graphs}\n")
     print(markdown(rows))
     print("\nNotes:\n" + "\n".join(f"- {n}" for n in NOTES))
     print(f"\nJSON: {args.out}", file=sys.stderr)

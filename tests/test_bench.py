@@ -190,9 +190,28 @@ def test_gpu_benchmark_tiny_cpu(tmp_path, capsys):
         assert r["tokens_per_s"] > 0 and r["peak_memory_gib"] > 0 and r["generated_tokens"] <= 2 * 32
     assert rows[0]["speedup"] == 1.0 and rows[1]["recompute_fraction"] < 1.0
     assert rows[2]["nfe"] == 32  # random weights: the threshold decoder commits one token per step
+    for r in rows:  # each row against the floor of its work, at the chip rates measured in the run
+        assert r["ms_per_nfe"] == pytest.approx(1e3 * r["wall_time_s"] / r["nfe"])
+        assert 0 < r["floor_ms_per_nfe"] and r["efficiency"] == pytest.approx(
+            r["floor_ms_per_nfe"] / r["ms_per_nfe"]
+        )
+        assert r["launches_per_nfe"] > 10  # one profiled step: a kernel per op at least per layer
+    assert rows[1]["launches_per_nfe"] != rows[0]["launches_per_nfe"]  # dual's step is not uncached's
+    assert report["chip"]["matmul_flops_per_s"] > 0 and report["chip"]["bytes_per_s"] > 0
     assert json.loads(out.read_text())["rows"] == rows
     printed = capsys.readouterr().out
-    assert "| tiny-dream | dual | 32 | 2 |" in printed and "random weights" in printed
+    assert "| tiny-dream | dual | 16 | 32 | 32 | 2 |" in printed and "random weights" in printed
+
+
+def test_gpu_benchmark_budget_writes_what_it_has(tmp_path):
+    gpu = _gpu_module()
+    out = tmp_path / "gpu.json"
+    report = gpu.main(
+        ["--tiny", "--device", "cpu", "--shapes", "tiny-llada", "--gen", "32", "--batch", "1", "--prompt", "16",
+         "--methods", "none,dual", "--no-warmup", "--no-profile", "--budget-s", "0", "--out", str(out)]
+    )  # fmt: skip
+    assert [r["error"] for r in report["rows"]] == ["skipped (--budget-s)"] * 2
+    assert json.loads(out.read_text())["chip"] == report["chip"]
 
 
 def test_gpu_benchmark_real_shapes_parse():

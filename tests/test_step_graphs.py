@@ -68,7 +68,17 @@ def test_static_steps_use_few_shapes(llada, monkeypatch):
 
 
 def test_buckets_and_padding():
-    assert [bucket(k, 1000) for k in (1, 8, 9, 13, 17, 33, 49, 65, 100)] == [8, 8, 12, 16, 24, 48, 64, 96, 128]
+    assert [bucket(k, 1000) for k in (1, 8, 9, 13, 17, 33, 49, 65, 100)] == [
+        8,
+        8,
+        12,
+        16,
+        24,
+        48,
+        64,
+        96,
+        128,
+    ]
     assert bucket(300, 280) == 280  # never beyond the sequence
     rows = torch.tensor([[3, 5], [1, 1]])
     assert pad_rows(rows, 4).tolist() == [[3, 5, 3, 3], [1, 1, 1, 1]]
