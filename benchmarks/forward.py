@@ -19,7 +19,7 @@ from dllm_cache.models.loading import read_config
 from dllm_cache.models.random_init import random_model, tiny_config
 from dllm_cache.models.transformer import ForwardStats, ModelConfig, Transformer
 
-SHARED_CONFIGS = {"llada-8b": "llada-8b-instruct", "dream-7b": "dream-v0-instruct-7b"}
+RELEASE_CONFIGS = {"llada-8b": "llada-8b-instruct", "dream-7b": "dream-v0-instruct-7b"}
 
 
 def shape_config(shape: str) -> ModelConfig:
@@ -27,10 +27,8 @@ def shape_config(shape: str) -> ModelConfig:
         return tiny_config("llada", vocab_size=2048, d_model=256, n_layers=4, n_heads=4, d_ff=704)
     from pathlib import Path
 
-    here = Path(__file__).resolve().parents[2] / "shared" / "tokenizers" / SHARED_CONFIGS[shape]
-    if here.is_dir():
-        return read_config(here)
-    raise SystemExit(f"{here} not found: the real config files live in ../shared/tokenizers")
+    # The real releases' config.json files, kept beside this script.
+    return read_config(Path(__file__).resolve().parent / "configs" / RELEASE_CONFIGS[shape])
 
 
 def build(cfg: ModelConfig, device: str, dtype: torch.dtype) -> Transformer:
@@ -65,7 +63,7 @@ def time_forward(model: Transformer, batch: int, prompt: int, gen: int, iters: i
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--shape", default="tiny", choices=["tiny", *SHARED_CONFIGS])
+    ap.add_argument("--shape", default="tiny", choices=["tiny", *RELEASE_CONFIGS])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])

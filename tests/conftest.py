@@ -10,7 +10,8 @@ import torch
 from dllm_cache.models.loading import DLLM, load_model, save_checkpoint
 from dllm_cache.models.random_init import random_model, tiny_config
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+# The real releases' config, weight-index and tokenizer files (fixtures/real/SOURCES.md).
+REAL = Path(__file__).resolve().parent / "fixtures" / "real"
 
 torch.set_num_threads(2)
 

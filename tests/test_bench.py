@@ -231,7 +231,7 @@ def test_gpu_benchmark_real_shapes_parse():
 
 @pytest.fixture(scope="module")
 def lm():
-    pytest.importorskip("lm_eval")
+    # lm-eval is part of the dev extra: a missing install fails here instead of skipping quietly.
     from dllm_cache.eval.lm_eval_adapter import DllmCacheLM
 
     return DllmCacheLM(model="tiny-llada", cache="dllm-cache", device="cpu", mc_samples=8, mc_batch_size=4)
@@ -371,3 +371,48 @@ def test_lm_eval_simple_evaluate_local_task(lm, tmp_path, monkeypatch):
     )
     assert set(out["results"]) == {"dllm_tiny_gen", "dllm_tiny_mc"}
     assert 0.0 <= out["results"]["dllm_tiny_mc"]["acc,none"] <= 1.0
+
+
+def test_lm_eval_scores_a_local_task_as_our_eval_does(tmp_path, monkeypatch):
+    """lm-eval's own evaluator on the demo model, over a task YAML of bundled tiny-GSM problems
+    (no hub): its exact-match score and every response equal `dllm-cache eval`'s on the same
+    problems with the same settings."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    import dllm_cache.eval.lm_eval_adapter  # noqa: F401  (registers the `dllm_cache` model)
+    from dllm_cache.engine import GenerationConfig
+    from dllm_cache.eval.runner import compare
+    from dllm_cache.eval.tasks import load_task
+    from dllm_cache.models.loading import load
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    problems = load_task("tiny-gsm", 6)
+    data = tmp_path / "tiny_gsm.jsonl"
+    data.write_text("".join(json.dumps({"question": p.prompt, "gold": p.gold}) + "\n" for p in problems))
+    (tmp_path / "tiny_gsm.yaml").write_text(
+        "task: dllm_tiny_gsm\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data}\ntest_split: test\n"
+        'output_type: generate_until\ndoc_to_text: "{{question}}"\ndoc_to_target: "{{gold}}"\n'
+        'generation_kwargs:\n  until: ["<|never|>"]\n  max_gen_toks: 32\n'
+        "filter_list:\n  - name: answer\n    filter:\n"
+        '      - function: regex\n        regex_pattern: "#### (\\\\-?[0-9]+)"\n'
+        "      - function: take_first\n"
+        "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n"
+    )
+    out = lm_eval.simple_evaluate(
+        model="dllm_cache",
+        model_args="model=tiny-llada,cache=dllm-cache,gen_length=32,block_length=32,device=cpu",
+        tasks=["dllm_tiny_gsm"],
+        task_manager=TaskManager(include_path=str(tmp_path)),
+        apply_chat_template=True,
+        log_samples=True,
+    )
+    llm = load("tiny-llada", device="cpu")
+    config = GenerationConfig(gen_length=32, steps=32, block_length=32)
+    (ours,), rows = compare(llm, problems, ["dllm-cache"], config, batch_size=6)
+    samples = sorted(out["samples"]["dllm_tiny_gsm"], key=lambda s: s["doc_id"])
+    assert [s["resps"][0][0] for s in samples] == [r["text"] for r in rows]
+    assert ours.correct >= 4  # the demo model solves most of them: the comparison is not 0 == 0
+    assert out["results"]["dllm_tiny_gsm"]["exact_match,answer"] == pytest.approx(ours.correct / len(problems))

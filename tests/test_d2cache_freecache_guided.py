@@ -230,9 +230,9 @@ def test_guided_rejects_incompatible_models(dream_and_guide, llada):
         GuidedDecoder(llm)
     with pytest.raises(GenerationError, match="needs tokenizers"):
         generate(llada, PROMPTS, decoder=GuidedDecoder(guide), **KW)
-    from conftest import SHARED
+    from conftest import REAL
 
-    other = load_tokenizer(SHARED / "tokenizers" / "dream-v0-instruct-7b")
+    other = load_tokenizer(REAL / "dream-v0-instruct-7b")
     with pytest.raises(GenerationError, match="does not share the vocabulary"):
         VocabularyMap(llm, DLLM(guide.model, other, guide.path))
     with pytest.raises(GenerationError, match="needs a guide model"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -17,7 +18,7 @@ from dllm_cache.cli import app
 from dllm_cache.errors import DllmCacheError
 from dllm_cache.eval import runner as runner_mod
 from dllm_cache.eval.answers import extract_answer
-from dllm_cache.eval.data import DATA_ENV, data_dir, data_file
+from dllm_cache.eval.data import BUNDLED_DATA_DIR, DATA_ENV, data_dir, data_file, data_source
 from dllm_cache.eval.distributed import Dist
 from dllm_cache.eval.execution import extract_code, run_program, truncate_at
 from dllm_cache.eval.math_answers import (
@@ -51,7 +52,7 @@ TINY = ["--model", "tiny-llada", "--gen-length", "16", "--device", "cpu"]
 
 def test_data_dir_precedence(tmp_path, monkeypatch):
     monkeypatch.delenv(DATA_ENV, raising=False)
-    assert data_dir().name == "data" and data_dir().parent.name == "shared"
+    assert data_dir() == BUNDLED_DATA_DIR
     monkeypatch.setenv(DATA_ENV, str(tmp_path))
     assert data_dir() == tmp_path
     assert data_dir(tmp_path / "x") == tmp_path / "x"
@@ -454,12 +455,34 @@ def test_torchrun_needs_an_out_dir(monkeypatch):
         run_eval(None, [], spec, None, Dist(0, 2, 0))  # type: ignore[arg-type]
 
 
-def test_data_paths_resolve_beside_the_checkout():
-    # src/dllm_cache/eval/data.py -> <checkout>/../shared/data
-    import dllm_cache.eval.data as data_mod
+def test_bundled_data_is_the_package_copy_and_matches_its_sources():
+    """The evaluation sets ship inside the package (found without any folder beside the checkout),
+    unchanged: each file's sha256 starts with the prefix recorded in datasets/SOURCES.md."""
+    import hashlib
 
-    checkout = Path(data_mod.__file__).resolve().parents[3]
-    assert data_mod.DEFAULT_DATA_DIR == checkout.parent / "shared" / "data"
+    import dllm_cache
+
+    assert BUNDLED_DATA_DIR == Path(dllm_cache.__file__).resolve().parent / "eval" / "datasets"
+    sources = (BUNDLED_DATA_DIR / "SOURCES.md").read_text()
+    listed = dict(re.findall(r"^\| (\S+) \| \d+ \|.*\| ([0-9a-f]{16})… \|$", sources, flags=re.M))
+    assert set(listed) == {
+        "gsm8k/test.jsonl",
+        "gsm8k/train.jsonl",
+        "humaneval/HumanEval.jsonl.gz",
+        "mbpp/mbpp.jsonl",
+        "mbpp/mbpp_test.jsonl",
+        "math500/test.jsonl",
+    }
+    for rel, prefix in listed.items():
+        assert hashlib.sha256((BUNDLED_DATA_DIR / rel).read_bytes()).hexdigest().startswith(prefix), rel
+
+
+def test_data_source_says_which_folder_is_read(tmp_path, monkeypatch):
+    monkeypatch.delenv(DATA_ENV, raising=False)
+    assert data_source().startswith("the copy bundled with dllm-cache")
+    assert data_source(tmp_path) == f"{tmp_path} (--data-dir)"
+    monkeypatch.setenv(DATA_ENV, str(tmp_path))
+    assert data_source() == f"{tmp_path} (${DATA_ENV})"
 
 
 def test_eval_refuses_to_resume_rows_of_other_problems(tmp_path, monkeypatch):

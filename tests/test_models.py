@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import PROMPTS, SHARED, as_llm
+from conftest import PROMPTS, REAL, as_llm
 
 from dllm_cache.cache.base import FeatureCache
 from dllm_cache.models import dream, llada
@@ -19,14 +19,14 @@ from dllm_cache.models.transformer import ForwardStats, gather_rows
 )
 def test_weight_names_match_the_real_release(name, family):
     """Our name map for the real 8B/7B config reproduces every tensor name of the real index, no more."""
-    real = SHARED / "tokenizers" / name
+    real = REAL / name
     cfg = read_config(real)
     index = json.loads((real / "model.safetensors.index.json").read_text())["weight_map"]
     assert set(family.weight_names(cfg).values()) == set(index)
 
 
 def test_real_configs_parse():
-    cfg = read_config(SHARED / "tokenizers" / "llada-8b-instruct")
+    cfg = read_config(REAL / "llada-8b-instruct")
     assert (cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.d_ff, cfg.vocab_size) == (4096, 32, 32, 12288, 126464)
     assert (cfg.mask_token_id, cfg.eos_token_id, cfg.bos_token_id, cfg.max_seq_len) == (
         126336,
@@ -35,7 +35,7 @@ def test_real_configs_parse():
         4096,
     )
     assert not cfg.shift_logits
-    cfg = read_config(SHARED / "tokenizers" / "dream-v0-instruct-7b")
+    cfg = read_config(REAL / "dream-v0-instruct-7b")
     assert (cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.d_ff) == (3584, 28, 28, 4, 18944)
     assert (cfg.mask_token_id, cfg.eos_token_id, cfg.vocab_size) == (151666, 151643, 152064)
     assert cfg.shift_logits and cfg.qkv_bias
@@ -160,7 +160,7 @@ def test_real_dream_tokenizer_files_load():
     """Dream ships vocab.json + merges.txt with a custom class name: loaded as Qwen2's byte-level BPE."""
     from dllm_cache.models.tokenizer import encode_prompt, end_token_ids, load_tokenizer
 
-    path = SHARED / "tokenizers" / "dream-v0-instruct-7b"
+    path = REAL / "dream-v0-instruct-7b"
     tok = load_tokenizer(path)
     cfg = read_config(path)
     assert tok.convert_tokens_to_ids(["<|mask|>", "<|endoftext|>", "<|im_end|>"]) == [151666, 151643, 151645]

@@ -333,7 +333,7 @@ def eval_cmd(
         bool, typer.Option("--no-chat", help="never use the chat template (base-model prompts)")
     ] = False,
     data_dir: Annotated[
-        Path | None, typer.Option(help="evaluation data folder (default: $DLLM_CACHE_DATA or ../shared/data)")
+        Path | None, typer.Option(help="evaluation data folder (default: $DLLM_CACHE_DATA, else the copy bundled with the package)")
     ] = None,
     out_dir: Annotated[
         Path | None,
@@ -392,7 +392,9 @@ def eval_cmd(
     from rich import box
     from rich.table import Table
 
+    from dllm_cache.eval.data import data_source
     from dllm_cache.eval.suite import SHORT_COLUMNS, summary_cells, summary_title
+    from dllm_cache.eval.tasks import task_info
 
     table = Table(
         title=summary_title(spec, len(problems)), box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 0, 0, 1)
@@ -405,6 +407,8 @@ def eval_cmd(
     for r in outcome.results:
         table.add_row(*summary_cells(r, short=True))
     console.print(table)
+    if task_info(task).files:
+        err_console.print(f"[dim]data: {data_source(data_dir)}[/]", highlight=False)
     if out_dir is not None:
         resumed = sum(r.n for r in outcome.results) - sum(outcome.generated.values())
         err_console.print(

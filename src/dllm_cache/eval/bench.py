@@ -12,7 +12,7 @@ A small TOML file names the grid (see bench_default.toml, shipped with the packa
     batch_size = 32
     device = "auto"                             # auto | cpu | cuda | cuda:N
     dtype = "auto"
-    data_dir = "../shared/data"                 # task data (omit: --data-dir's default, see eval/data.py)
+    data_dir = "/data/evalsets"                 # task data (omit: the copy bundled with the package)
     fewshot = 0                                 # omit: zero-shot chat for chat models, else the task's
     chat = true                                 # false: ignore the models' chat templates
 

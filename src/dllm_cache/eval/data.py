@@ -1,13 +1,15 @@
 """Where the evaluation data lives, and reading it.
 
-The data files (GSM8K, MATH-500, HumanEval, MBPP) are not shipped in the package. They are read
-from a data folder laid out as ``gsm8k/test.jsonl``, ``humaneval/HumanEval.jsonl.gz``, ... (see
-``shared/data/SOURCES.md`` of the project). The folder is, in order of precedence:
+The data files (GSM8K, MATH-500, HumanEval, MBPP; about 6 MB, sources and licences in
+``datasets/SOURCES.md``) ship inside the package, laid out as ``gsm8k/test.jsonl``,
+``humaneval/HumanEval.jsonl.gz``, ... The folder read is, in order of precedence:
 
 1. the ``data_dir`` argument (``dllm-cache eval --data-dir DIR``);
 2. the environment variable ``DLLM_CACHE_DATA``;
-3. ``shared/data`` beside the project checkout (``<checkout>/../shared/data``), which is where it
-   is during development.
+3. the bundled copy, ``dllm_cache/eval/datasets``.
+
+Shipping the files (rather than fetching them from a hub at run time) keeps evaluation offline and
+reproducible: the rows are exactly the ones the benchmarks were measured on.
 """
 
 from __future__ import annotations
@@ -21,18 +23,27 @@ from typing import Any
 from dllm_cache.errors import DllmCacheError
 
 DATA_ENV = "DLLM_CACHE_DATA"
-# src/dllm_cache/eval/data.py -> parents[3] is the checkout; the data sits beside it.
-DEFAULT_DATA_DIR = Path(__file__).resolve().parents[3].parent / "shared" / "data"
+BUNDLED_DATA_DIR = Path(__file__).resolve().parent / "datasets"
 
 
 def data_dir(override: str | Path | None = None) -> Path:
-    """The data folder: `override`, else $DLLM_CACHE_DATA, else the checkout's ../shared/data."""
+    """The data folder: `override`, else $DLLM_CACHE_DATA, else the copy bundled with the package."""
     if override is not None and str(override) != "":
         return Path(override).expanduser()
     env = os.environ.get(DATA_ENV)
     if env:
         return Path(env).expanduser()
-    return DEFAULT_DATA_DIR
+    return BUNDLED_DATA_DIR
+
+
+def data_source(override: str | Path | None = None) -> str:
+    """Which data folder a run reads, in words (printed by `dllm-cache eval`)."""
+    folder = data_dir(override)
+    if override is not None and str(override) != "":
+        return f"{folder} (--data-dir)"
+    if folder != BUNDLED_DATA_DIR:
+        return f"{folder} (${DATA_ENV})"
+    return f"the copy bundled with dllm-cache ({folder})"
 
 
 def data_file(relative: str, override: str | Path | None = None) -> Path:
