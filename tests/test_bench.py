@@ -415,4 +415,6 @@ def test_lm_eval_scores_a_local_task_as_our_eval_does(tmp_path, monkeypatch):
     samples = sorted(out["samples"]["dllm_tiny_gsm"], key=lambda s: s["doc_id"])
     assert [s["resps"][0][0] for s in samples] == [r["text"] for r in rows]
     assert ours.correct >= 4  # the demo model solves most of them: the comparison is not 0 == 0
-    assert out["results"]["dllm_tiny_gsm"]["exact_match,answer"] == pytest.approx(ours.correct / len(problems))
+    assert out["results"]["dllm_tiny_gsm"]["exact_match,answer"] == pytest.approx(
+        ours.correct / len(problems)
+    )

@@ -333,7 +333,10 @@ def eval_cmd(
         bool, typer.Option("--no-chat", help="never use the chat template (base-model prompts)")
     ] = False,
     data_dir: Annotated[
-        Path | None, typer.Option(help="evaluation data folder (default: $DLLM_CACHE_DATA, else the copy bundled with the package)")
+        Path | None,
+        typer.Option(
+            help="evaluation data folder (default: $DLLM_CACHE_DATA, else the copy bundled with the package)"
+        ),
     ] = None,
     out_dir: Annotated[
         Path | None,
