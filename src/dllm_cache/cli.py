@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -129,14 +129,28 @@ def generate(
     no_graphs: Annotated[
         bool, typer.Option("--no-graphs", help="run every denoising forward eagerly (no CUDA graphs)")
     ] = False,
+    trace: Annotated[
+        Path | None,
+        typer.Option(
+            help="write DIR/trace.html, trace.png and trace.json: every step's commits and recomputes"
+        ),
+    ] = None,
+    live: Annotated[
+        bool, typer.Option("--live", help="redraw the answer canvas in the terminal after every step")
+    ] = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
 ) -> None:
     """Generate an answer to PROMPT."""
     with user_errors():
-        from dllm_cache.engine import generate as run_generate
         from dllm_cache.methods import Method, parse_method
         from dllm_cache.models.loading import load
+        from dllm_cache.trace import generate as run_generate
+        from dllm_cache.trace.figure import require_matplotlib
+        from dllm_cache.trace.live import live_canvas
+
+        if trace is not None:
+            require_matplotlib()
 
         method = parse_method(preset) if preset else Method()
         if cache is not None:
@@ -154,12 +168,19 @@ def generate(
         overrides = {**method.overrides, **{k: v for k, v in explicit.items() if v is not None}}
         policy = method.policy()
         llm = load(model, dtype=dtype, device=resolve_device(device))
-        with step_progress(not as_json and sys.stderr.isatty(), steps or gen_length) as progress:
+        # --live replaces the progress bar with the canvas itself.
+        view = live_canvas(llm, err_console) if live else nullcontext(None)
+        with (
+            step_progress(not live and not as_json and sys.stderr.isatty(), steps or gen_length) as progress,
+            view as on_step,
+        ):
             result = run_generate(
                 llm,
                 prompt,
                 cache=policy,
                 progress=progress,
+                on_step=on_step,
+                trace=trace,
                 gen_length=gen_length,
                 steps=steps,
                 temperature=temperature,
@@ -171,6 +192,10 @@ def generate(
                 graphs=not no_graphs,
                 **overrides,
             )
+    if trace is not None:
+        from dllm_cache.trace import TRACE_FILES
+
+        err_console.print(f"[dim]wrote {', '.join(str(trace / f) for f in TRACE_FILES)}[/]", highlight=False)
     if as_json:
         print(json.dumps({"text": result.text, "tokens": result.tokens[0], "stats": result.stats.to_dict()}))
         return
@@ -182,6 +207,40 @@ def generate(
         + (f", {s.guide_nfe} guide NFE" if s.guide_nfe else "")
         + "[/]"
     )
+
+
+trace_app = typer.Typer(help="Step-by-step denoising traces (written by `generate --trace DIR`).")
+app.add_typer(trace_app, name="trace")
+
+
+@trace_app.command("compare")
+def trace_compare(
+    a: Annotated[Path, typer.Argument(help="a trace directory (or its trace.json)")],
+    b: Annotated[Path, typer.Argument(help="the trace to put beside it")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="the page to write")] = Path("trace-compare.html"),
+) -> None:
+    """One page with two methods' traces side by side: where do their tokens part?"""
+    with user_errors():
+        from dllm_cache.trace import write_compare
+
+        path = write_compare(a, b, out)
+    console.print(f"wrote {path}")
+
+
+@trace_app.command("screenshot")
+def trace_screenshot(
+    page: Annotated[Path, typer.Argument(help="a trace page (trace.html or a compare page)")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="the PNG to write")] = Path("trace-page.png"),
+    step: Annotated[int | None, typer.Option(help="slider position (default: the last step)")] = None,
+    width: int = 1400,
+    height: int = 900,
+) -> None:
+    """A PNG of a trace page as headless Chromium draws it (needs chromium, chromedriver, selenium)."""
+    with user_errors():
+        from dllm_cache.trace.browser import screenshot
+
+        screenshot(page, out, step, width, height)
+    console.print(f"wrote {out}")
 
 
 @app.command()
