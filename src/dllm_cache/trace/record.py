@@ -100,16 +100,15 @@ def traced_generate(
 ) -> tuple[GenerationResult, dict[str, Any]]:
     """Generate as `engine.generate` does (same arguments, same tokens) and return the trace too."""
     config = replace(config or GenerationConfig(), record_steps=True)
-    if isinstance(kwargs.get("decoder"), str):
-        config, kwargs["decoder"] = replace(config, decoder=kwargs["decoder"]), None
+    decoder = kwargs.pop("decoder", None)
+    if isinstance(decoder, str):  # a decoder by name is a config field; an object is passed on
+        config, decoder = replace(config, decoder=decoder), None
     config = replace(config, **{k: kwargs.pop(k) for k in list(kwargs) if hasattr(config, k)})
     policy = make_policy(cache) if isinstance(cache, str) else cache
     recorder = RecordingPolicy(policy, llm.config.n_layers)
-    result = engine_generate(llm, prompts, config, cache=recorder, **kwargs)
-    decoder = getattr(kwargs.get("decoder"), "name", config.decoder)
-    return result, build_trace(
-        llm, prompts, config, method_name(policy, decoder), policy, result, recorder.steps
-    )
+    result = engine_generate(llm, prompts, config, cache=recorder, decoder=decoder, **kwargs)
+    name = method_name(policy, getattr(decoder, "name", config.decoder))
+    return result, build_trace(llm, prompts, config, name, policy, result, recorder.steps)
 
 
 def build_trace(
