@@ -9,6 +9,7 @@ import pytest
 from conftest import PROMPTS
 from typer.testing import CliRunner
 
+import dllm_cache
 from dllm_cache.cache import make_policy
 from dllm_cache.cli import app
 from dllm_cache.engine import generate as engine_generate
@@ -106,7 +107,7 @@ def test_trace_dream_and_cfg(dream, llada):
 
 def test_python_generate_writes_the_trace(llada, tmp_path):
     policy = make_policy("dllm-cache", response_interval=2)
-    result = generate(llada, PROMPTS, cache=policy, gen_length=8, steps=4, trace=tmp_path / "t")
+    result = dllm_cache.generate(llada, PROMPTS, cache=policy, gen_length=8, steps=4, trace=tmp_path / "t")
     assert sorted(p.name for p in (tmp_path / "t").iterdir()) == ["trace.html", "trace.json", "trace.png"]
     trace = load_trace(tmp_path / "t")
     check_consistent(trace, result)
