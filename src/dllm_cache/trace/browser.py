@@ -74,6 +74,7 @@ def screenshot(page: Path, out: Path, step: int | None = None, width: int = 1400
                 step,
             )
         full = driver.execute_script("return document.documentElement.scrollHeight")
-        driver.set_window_size(width, max(height, int(full) + 20))
+        # the whole page in one picture (the viewport is a little smaller than the window)
+        driver.set_window_size(width, max(height, int(full) + 80))
         out.parent.mkdir(parents=True, exist_ok=True)
         driver.save_screenshot(str(out))
