@@ -104,6 +104,9 @@ def traced_generate(
     if isinstance(decoder, str):  # a decoder by name is a config field; an object is passed on
         config, decoder = replace(config, decoder=decoder), None
     config = replace(config, **{k: kwargs.pop(k) for k in list(kwargs) if hasattr(config, k)})
+    # Eager forwards: a replayed CUDA graph would not call the policy's per-layer `select`, so the
+    # rows it recomputed could not be noted (the tokens are the same in every mode, tested).
+    config = replace(config, graphs=False)
     policy = make_policy(cache) if isinstance(cache, str) else cache
     recorder = RecordingPolicy(policy, llm.config.n_layers)
     result = engine_generate(llm, prompts, config, cache=recorder, decoder=decoder, **kwargs)
