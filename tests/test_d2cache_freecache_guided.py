@@ -62,41 +62,66 @@ def test_freecache_window_rows(llada):
         assert out.stats.position_layers == sum((P + G) + 3 * k for k in later) * layers * B
 
 
-def test_certainty_density_edges():
-    sigma = 1.0
-    w = math.ceil(3 * sigma)
-    kern = [math.exp(-(o**2) / 2) for o in range(-w, w + 1)]
-    kern = [k / sum(kern) for k in kern]
+def _density_by_hand(decoded: list[int], sigma: float) -> list[float]:
+    """The published definition, summed term by term: the span extended by N positions each side
+    (left decoded, right as the last position), an untruncated Gaussian, normalised by its sum over
+    the distances [-3N, 3N) of the published FFT canvas."""
+    n = len(decoded)
+    ext = {j: 1.0 for j in range(-n, 0)} | {j: float(d) for j, d in enumerate(decoded)}
+    ext |= {j: float(decoded[-1]) for j in range(n, 2 * n)}
 
-    def by_hand(decoded):
-        n = len(decoded)
-        padded = [1.0] * w + [float(d) for d in decoded] + [float(decoded[-1])] * w
-        return [sum(kern[j] * padded[i + j] for j in range(2 * w + 1)) for i in range(n)]
+    def g(d: int) -> float:
+        return math.exp(-(d**2) / (2 * sigma**2))
 
-    for decoded in ([0, 0, 0, 0, 0], [1, 0, 0, 0, 1], [0, 1, 0, 0, 0], [1, 1, 1, 1, 1]):
+    z = sum(g(d) for d in range(-3 * n, 3 * n))
+    return [sum(v * g(t - j) for j, v in ext.items()) / z for t in range(n)]
+
+
+def test_certainty_density_is_the_published_untruncated_gaussian():
+    for sigma, decoded in [
+        (1.0, [0, 0, 0, 0, 0]),
+        (1.0, [1, 0, 0, 0, 1]),
+        (1.0, [0, 1, 0, 0, 0]),
+        (10.0, [1] * 5 + [0] * 27),  # a 32-token block, sigma 10 (the default)
+        (10.0, [1, 0] * 16),
+    ]:
         got = certainty_density(torch.tensor([decoded], dtype=torch.bool), sigma)[0].tolist()
-        assert got == pytest.approx(by_hand(decoded), abs=1e-12)
-    nothing = certainty_density(torch.zeros(1, 6, dtype=torch.bool), sigma)[0]
-    assert nothing[0] == pytest.approx(sum(kern[:w]))  # the left edge counts as decoded
-    assert bool((nothing[:-1] >= nothing[1:]).all())  # and the right edge does not (last undecoded)
-    assert certainty_density(torch.ones(1, 6, dtype=torch.bool), sigma)[0].tolist() == pytest.approx(
-        [1.0] * 6
+        assert got == pytest.approx(_density_by_hand(decoded, sigma), abs=1e-12)
+    # The old kernel cut at 3 sigma and renormalised was off by up to ~1e-3 on a block of 32.
+    block = torch.tensor([[1] * 5 + [0] * 27], dtype=torch.bool)
+    w, offsets = 30, torch.arange(-30, 31, dtype=torch.float64)
+    kern = torch.exp(-(offsets**2) / 200)
+    padded = torch.cat(
+        [torch.ones(w, dtype=torch.float64), block[0].double(), torch.zeros(w, dtype=torch.float64)]
     )
+    truncated = torch.nn.functional.conv1d(padded[None, None], (kern / kern.sum())[None, None])[0, 0]
+    assert (certainty_density(block, 10.0)[0] - truncated).abs().max() > 5e-4
+    nothing = certainty_density(torch.zeros(1, 6, dtype=torch.bool), 1.0)[0]
+    assert bool((nothing[:-1] >= nothing[1:]).all())  # the left edge counts as decoded, the right not
+    assert certainty_density(torch.ones(1, 6, dtype=torch.bool), 1.0)[0].tolist() == pytest.approx([1.0] * 6)
 
 
 def test_rollout_importance_and_nucleus_on_a_constructed_attention_map():
     # Two layers, every row computed, 4 positions; every query attends mostly to column 2.
     A = torch.tensor([[0.1, 0.1, 0.7, 0.1]] * 4, dtype=torch.float64)[None]
-    imp = rollout_importance([(None, A), (None, A)], torch.Size((1, 4)))
+    real = torch.ones(1, 4, dtype=torch.bool)
+    imp = rollout_importance([(None, A), (None, A)], real)
     M = 0.5 * A[0] + 0.5 * torch.eye(4, dtype=torch.float64)
     assert torch.allclose(imp[0], (M @ M).sum(0))
-    # Only rows 1 and 3 computed at the last layer: other rows pass importance through unchanged.
+    # Only rows 1 and 3 computed at the last layer: the others contribute identity rows, and the
+    # importance sums the columns of the whole product (every row, as published; before, only the
+    # last layer's active rows 1 and 3 were summed).
     rows = torch.tensor([[1, 3]])
-    imp2 = rollout_importance([(None, A), (rows, A[:, [1, 3]])], torch.Size((1, 4)))
+    imp2 = rollout_importance([(None, A), (rows, A[:, [1, 3]])], real)
     M_last = torch.eye(4, dtype=torch.float64)
     M_last[[1, 3]] = M[[1, 3]]
-    start = torch.tensor([0, 1.0, 0, 1.0], dtype=torch.float64)
-    assert torch.allclose(imp2[0], start @ M_last @ M)
+    assert torch.allclose(imp2[0], (M_last @ M).sum(0))
+    # Left padding (row and column 0 here) neither gives nor receives importance.
+    pad = torch.tensor([[False, True, True, True]])
+    A_pad = torch.tensor([[0.0, 0.2, 0.6, 0.2]] * 4, dtype=torch.float64)[None]
+    imp3 = rollout_importance([(None, A_pad)], pad)
+    M_pad = 0.5 * A_pad[0] + 0.5 * torch.eye(4, dtype=torch.float64)
+    assert torch.allclose(imp3[0], M_pad[1:].sum(0)) and imp3[0, 0] == 0
 
     # One layer: importance (0.5 + 0.5 * column sums) / 4 = [0.175, 0.175, 0.475, 0.175].
     policy = D2Cache(rollout_p=0.4)
@@ -119,17 +144,22 @@ def test_gap_inflation():
     assert torch.equal(inflate(sel, 0), sel)
 
 
-def test_d2cache_masked_selection_keeps_a_current_block_row_and_shifts_for_dream():
-    B, L, P = 1, 12, 4
+def test_d2cache_masked_selection_ranks_the_current_block_first_and_shifts_for_dream():
+    B, L, P = 1, 16, 4
     masked = torch.zeros(B, L, dtype=torch.bool)
     masked[:, P:] = True
     state = StepState(1, 1, 0, P, P + 4, P, L, masked, torch.zeros_like(masked), False)
-    policy = D2Cache(current_k=2)
+    policy = D2Cache(current_k=6)
     policy.confidence = torch.zeros(B, L, dtype=torch.float64)
-    policy.confidence[0, 9] = 0.9  # a confident row beyond the current block
+    policy.confidence[0, 9:12] = 0.9  # confident rows beyond the current block
+    policy.confidence[0, 5] = 0.1
     chosen = policy._masked_rows(state, masked)
-    # the search stops at the first boundary holding >= 2 masked rows (the block end): rows 4..7
-    assert chosen[0].nonzero().flatten().tolist() == [4, 5]
+    # searched up to the first boundary with >= 6 masked rows (P + 8); all four masked rows of the
+    # current block come first, then the best two beyond it (before: only one in-block row was
+    # guaranteed, and rows 9, 10, 11 outranked rows 6 and 7)
+    assert chosen[0].nonzero().flatten().tolist() == [4, 5, 6, 7, 9, 10]
+    policy.current_k = 2
+    assert policy._masked_rows(state, masked)[0].nonzero().flatten().tolist() == [4, 5]
     state.shift = True
     assert policy._masked_rows(state, masked)[0].nonzero().flatten().tolist() == [3, 4, 5]
 
@@ -239,3 +269,20 @@ def test_guided_rejects_incompatible_models(dream_and_guide, llada):
         generate(llm, QUESTIONS, decoder="guided", gen_length=32)
     with pytest.raises(GenerationError, match="agreement"):
         GuidedDecoder(guide, agreement="sometimes")
+
+
+def test_cache_policies_do_not_import_the_decoders():
+    """Any cache composes with any decoder: cache/ never imports decoding/; the scoring both use
+    lives below them (scoring.py)."""
+    import ast
+    from pathlib import Path
+
+    import dllm_cache
+
+    root = Path(dllm_cache.__file__).parent
+    for path in (root / "cache").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            assert not any(n.startswith("dllm_cache.decoding") for n in names), (path.name, names)

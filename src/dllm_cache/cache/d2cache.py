@@ -4,18 +4,29 @@ K, V of every row are cached; each step only a selected set of rows runs through
 same set at every layer; the others are skipped and only their cached K, V are read). The first step
 of a generation is a full forward. After each step the next step's rows are chosen:
 
-1. masked rows, scored by last known confidence x certainty density (decoding/certainty.py): the
-   top `current_k`, searched from the current block's start up to the first block boundary that
-   holds at least `current_k` masked rows, always with at least one row of the current block. A
-   masked row whose logits were never computed has confidence 0 (ties go to the leftmost rows);
+1. masked rows, scored by last known confidence x certainty density over the answer
+   (`dllm_cache.scoring.certainty_density`, the published untruncated Gaussian): the top
+   `current_k`, searched from the current block's start up to the first block boundary that holds at
+   least `current_k` masked rows, the masked rows of the current block ranked before all others (the
+   published code adds the maximum score to them). A masked row whose logits were never computed has
+   confidence 0; exact ties go to the leftmost rows;
 2. every row committed at this step (its token just changed);
 3. among the remaining prompt / decoded rows, the smallest set whose attention-rollout importance
    reaches the mass `rollout_p`. Rollout: per layer the head-averaged attention of the active queries
-   with an identity residual, (A + I) / 2 (a row that was not computed passes its importance
-   through unchanged), multiplied over layers; importance = column sums over the active queries;
+   with an identity residual, (A + I) / 2, where a row that was not computed contributes its identity
+   row, multiplied over layers; importance = the column sums of that full product (every real row;
+   left padding neither gives nor receives importance);
 4. inflation: a gap of at most `inflate_w` rows between two selected rows is selected too.
 For Dream the row before a selected masked row (which predicts it) is selected too (the paper says
 "instead"; keeping the masked row itself makes the recompute-everything setting exact).
+
+Where the published code and its paper disagree we follow the paper: (i) the published confidence
+cache is updated through a copy (boolean indexing), so it keeps the first step's confidences
+forever; ours records each masked row's confidence whenever its logits are computed; (ii) the
+published loop leaves masked rows that were not computed eligible for commitment (with zero
+logits); ours gives them no logits, so only computed rows can be committed. Two choices keep a row's
+result independent of its batch: the in-block bonus is per row (the published maximum is over the
+whole batch; the ranking is the same), and ties are broken by position rather than by `torch.topk`.
 
 Masked rows outside the selection get no logits, so pair it with a dynamic decoder (`certainty`,
 the d2Cache paper's certainty-prior decoding, or `threshold` / `factor`), or raise `current_k` to the
@@ -28,10 +39,9 @@ import torch
 from torch import Tensor
 
 from dllm_cache.cache.base import StepState, rows_from_mask, shifted_left
-from dllm_cache.decoding.base import top_k_per_row
-from dllm_cache.decoding.certainty import certainty_density
 from dllm_cache.errors import GenerationError
 from dllm_cache.models.active import LayerView
+from dllm_cache.scoring import certainty_density, top_k_per_row
 
 
 class D2Cache:
@@ -71,6 +81,7 @@ class D2Cache:
     def _reset(self) -> None:
         self.next_selected: Tensor | None = None  # [B, L] bool: the rows of the next step
         self.confidence: Tensor | None = None  # [B, L] last known confidence per position
+        self.real: Tensor | None = None  # [B, L] bool: not left padding (seen in the first forward)
         self.attention: list[tuple[Tensor | None, Tensor]] = []  # this step's (rows, probs) per layer
 
     def check_decoder(self, decoder: object, block_length: int) -> None:
@@ -85,6 +96,9 @@ class D2Cache:
     # -- what the engine and the model report back ------------------------------------------------
 
     def observe_attention(self, layer: int, rows: Tensor | None, probs: Tensor) -> None:
+        if self.real is None and rows is None:
+            # The first forward computes every row; padding is what no query can attend to.
+            self.real = probs.sum(1) > 0
         self.attention.append((rows, probs))
 
     def observe_confidence(self, positions: Tensor, confidence: Tensor) -> None:
@@ -145,18 +159,14 @@ class D2Cache:
         end = bounds[first]
         idx = torch.arange(L, device=masked.device).expand(B, L)
         candidates = masked & (idx >= state.block_start) & (idx < end[:, None])
-        # ties (never-seen rows have confidence 0) go to the leftmost rows
-        position_bonus = torch.arange(L, 0, -1, device=masked.device, dtype=torch.float64) * 1e-12
-        score = (score + position_bonus).masked_fill(~candidates, float("-inf"))
+        # The current block's masked rows first (the published code adds the maximum score to them),
+        # then the best of the rest; exact ties (never-seen rows score 0) go to the leftmost rows.
         k = torch.clamp(candidates.sum(1), max=self.current_k)
-        chosen = top_k_per_row(score, k) & candidates
-        # at least one masked row of the current block
-        in_block = candidates.clone()
-        in_block[:, : state.block_start] = False
-        in_block[:, state.block_end :] = False
-        missing = in_block.any(1) & ~(chosen & in_block).any(1)
-        best = score.masked_fill(~in_block, float("-inf")).argmax(1, keepdim=True)
-        chosen = chosen | torch.zeros_like(chosen).scatter(1, best, missing[:, None])
+        in_block = candidates & (idx >= state.block_start) & (idx < state.block_end)
+        k_in = torch.minimum(k, in_block.sum(1))
+        chosen = top_k_per_row(score.masked_fill(~in_block, float("-inf")), k_in) & in_block
+        beyond = candidates & ~in_block
+        chosen |= top_k_per_row(score.masked_fill(~beyond, float("-inf")), k - k_in) & beyond
         if state.shift:  # Dream: row i-1 produces the logits of position i
             chosen = chosen | shifted_left(chosen)
         return chosen
@@ -168,7 +178,9 @@ class D2Cache:
             return candidates
         if self.rollout_p <= 0.0 or not self.attention:
             return torch.zeros_like(masked)
-        importance = rollout_importance(self.attention, masked.shape)
+        real = self.real if self.real is not None else torch.ones_like(masked)
+        candidates &= real
+        importance = rollout_importance(self.attention, real)
         importance = importance.masked_fill(~candidates, 0.0)
         total = importance.sum(1, keepdim=True).clamp(min=1e-30)
         share, order = (importance / total).sort(dim=1, descending=True)
@@ -177,18 +189,13 @@ class D2Cache:
         return torch.zeros_like(take).scatter(1, order, take)
 
 
-def rollout_importance(attention: list[tuple[Tensor | None, Tensor]], shape: torch.Size) -> Tensor:
-    """Column sums, over the last layer's active queries, of the attention rollout
-    prod_l (A_l + I) / 2, where A_l has the head-averaged probabilities on the rows computed at layer
-    l and identity rows elsewhere. attention: per layer (rows [B, k] or None = all, probs [B, k, L])."""
-    B, L = shape
-    last_rows, _ = attention[-1]
-    v = torch.zeros((B, L), dtype=torch.float64, device=attention[-1][1].device)
-    if last_rows is None:
-        v.fill_(1.0)
-    else:
-        v.scatter_(1, last_rows, 1.0)  # (idempotent for repeated rows)
+def rollout_importance(attention: list[tuple[Tensor | None, Tensor]], real: Tensor) -> Tensor:
+    """Column sums of the attention rollout prod_l (A_l + I) / 2 over every real row, where A_l has
+    the head-averaged probabilities on the rows computed at layer l and identity rows elsewhere.
+    attention: per layer (rows [B, k] or None = all, probs [B, k, L]); real [B, L] bool (not padding).
+    """
     # v <- v M_l from the last layer down, M_l = I + active rows' ((A_l)_i - e_i) / 2
+    v = real.to(torch.float64)
     for rows, probs in reversed(attention):
         p = probs.to(torch.float64)
         if rows is None:

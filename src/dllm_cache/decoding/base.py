@@ -8,6 +8,8 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from dllm_cache.scoring import top_k_per_row  # re-exported: the samplers import it from here
+
 
 @dataclass
 class Commit:
@@ -32,13 +34,6 @@ class Decoder(Protocol):
         A dynamic decoder may receive NaN logits on masked positions a cache did not compute this
         step (see `computed`); it must commit at least one computed masked position per row."""
         ...
-
-
-def top_k_per_row(scores: Tensor, k: Tensor) -> Tensor:
-    """Bool mask of each row's k[b] highest scores (k may differ by row)."""
-    order = scores.argsort(dim=1, descending=True, stable=True)
-    ranks = torch.arange(scores.shape[1], device=scores.device).expand_as(scores) < k[:, None]
-    return torch.zeros_like(ranks).scatter(1, order, ranks)
 
 
 def computed(logits: Tensor) -> Tensor:

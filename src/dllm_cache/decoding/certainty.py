@@ -2,36 +2,19 @@
 confidence x certainty density, which makes decoding quasi left-to-right.
 
 The certainty density of a position is a Gaussian smoothing (sigma positions) of "already decoded"
-over the positions of a span (the current block, or the whole answer for d2cache's selection):
-positions left of the span count as decoded (the prompt, earlier blocks); positions right of it
-count as decoded only if the span's last position is decoded (an answer that already ends).
+over the positions of a span (the current block here, the whole answer for d2cache's selection);
+see `dllm_cache.scoring.certainty_density` for the edges.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from dllm_cache.decoding.base import Commit, computed, top_k_per_row
+from dllm_cache.decoding.base import Commit, computed
 from dllm_cache.decoding.parallel import candidates
 from dllm_cache.errors import GenerationError
-
-
-def certainty_density(decoded: Tensor, sigma: float) -> Tensor:
-    """decoded [B, N] bool -> density [B, N] in [0, 1] (see the module docstring for the edges)."""
-    B, N = decoded.shape
-    w = max(1, math.ceil(3 * sigma))
-    offsets = torch.arange(-w, w + 1, device=decoded.device, dtype=torch.float64)
-    kernel = torch.exp(-(offsets**2) / (2 * sigma**2))
-    kernel = kernel / kernel.sum()
-    d = decoded.to(torch.float64)
-    left = torch.ones((B, w), dtype=torch.float64, device=decoded.device)
-    right = d[:, -1:].expand(B, w)
-    padded = torch.cat([left, d, right], dim=1)[:, None, :]
-    return F.conv1d(padded, kernel.view(1, 1, -1))[:, 0, :]
+from dllm_cache.scoring import certainty_density, top_k_per_row
 
 
 class CertaintyPriorDecoder:
