@@ -8,7 +8,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from dllm_cache.scoring import top_k_per_row  # re-exported: the samplers import it from here
+from dllm_cache.scoring import top_k_per_row as top_k_per_row  # re-exported for the samplers
 
 
 @dataclass
