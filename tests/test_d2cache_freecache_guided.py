@@ -55,11 +55,66 @@ def test_default_settings_skip_rows_and_each_row_is_batch_independent(fixture, s
 
 
 def test_freecache_window_rows(llada):
-    """First step of a block: every row; then the window from the block start (capped at the end)."""
+    """As published: every row at the generation's first step only, then the window from the block
+    start (capped at the end) at every step, block starts included; `block_refresh=True` (ours before)
+    recomputes every row at each block's first step."""
     P, G, B, layers = max(len(p) for p in PROMPTS), 16, len(PROMPTS), llada.config.n_layers
-    for policy, later in [(FreeCache(window=12), [12, 8]), (FreeCache(block_boundary=True), [8, 8])]:
+    full = P + G
+    for policy, per_block in [
+        (FreeCache(window=12), [[full, 12, 12, 12], [8, 8, 8, 8]]),
+        (FreeCache(block_boundary=True), [[full, 8, 8, 8], [8, 8, 8, 8]]),
+        (FreeCache(window=12, block_refresh=True), [[full, 12, 12, 12], [full, 8, 8, 8]]),
+    ]:
         out = generate(llada, PROMPTS, cache=policy, gen_length=G, steps=8, block_length=8, early_stop=False)
-        assert out.stats.position_layers == sum((P + G) + 3 * k for k in later) * layers * B
+        assert out.stats.position_layers == sum(map(sum, per_block)) * layers * B
+
+
+def test_published_freecache_keeps_each_finished_blocks_last_step_kv(llada, monkeypatch):
+    """At the second block's first step the first block's rows are not recomputed: their K, V are
+    those of its last-step forward, which saw the position committed at that step still masked."""
+    import dllm_cache.engine as engine
+    from dllm_cache.cache.base import FeatureCache
+    from dllm_cache.models.transformer import ForwardStats
+
+    caches: list[FeatureCache] = []
+
+    class Recorded(FeatureCache):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            caches.append(self)
+
+    seen: dict = {}
+
+    class Spy(FreeCache):
+        def begin_step(self, state):
+            rows = super().begin_step(state)
+            if state.block == 1 and state.step_in_block == 0:
+                seen["k"], seen["rows"] = [k.clone() for k in caches[0].k], rows
+            return rows
+
+    monkeypatch.setattr(engine, "FeatureCache", Recorded)
+    P, mask = len(PROMPTS[0]), llada.config.mask_token_id
+    kw = dict(gen_length=8, steps=8, block_length=4, record_steps=True)
+    out = generate(llada, PROMPTS[:1], cache=Spy(block_boundary=True), **kw)
+    assert seen["rows"] is not None and int(seen["rows"].min()) == P + 4  # the new block only
+    # a full forward of the sequence as it stood at block 0's last step (before its commit)
+    x = out.sequences.clone()
+    x[0, P + 4 :] = mask
+    x[0, P + out.step_records[3].positions[0][0]] = mask
+    # ... and the prompt's K, V are those of step 0 (everything masked)
+    x0 = out.sequences.clone()
+    x0[0, P:] = mask
+
+    def full_forward_k(seq: torch.Tensor) -> list[torch.Tensor]:
+        fresh = FeatureCache(llada.config, 1, P + 8, torch.float32, torch.device("cpu"), store_outputs=False)
+        layout = llada.model.layout(torch.ones_like(seq, dtype=torch.bool))
+        llada.model.forward_active(seq, layout, fresh, None, None, torch.arange(P + 8)[None], ForwardStats())
+        return fresh.k
+
+    last_step, step0 = full_forward_k(x), full_forward_k(x0)
+    for layer, k in enumerate(seen["k"]):
+        assert torch.allclose(k[:, :, P : P + 4], last_step[layer][:, :, P : P + 4], atol=1e-5)
+        assert torch.allclose(k[:, :, :P], step0[layer][:, :, :P], atol=1e-5)
 
 
 def _density_by_hand(decoded: list[int], sigma: float) -> list[float]:
@@ -176,6 +231,7 @@ def test_d2cache_needs_a_dynamic_decoder_when_it_skips_masked_rows(llada):
         ("d2cache", {"current_k": 0}, "current_k"),
         ("freecache", {"window": 0}, "window"),
         ("freecache", {"block_boundary": "yes"}, "block_boundary"),
+        ("freecache", {"block_refresh": 1}, "block_refresh"),
     ],
 )
 def test_bad_arguments_are_named(name, args, msg):

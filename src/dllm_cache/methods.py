@@ -48,7 +48,9 @@ PRESETS: dict[str, Method] = {
     # d2Cache with its certainty-prior decoding; FreeCache and Guided Diffusion with the demo AR guide
     # (for Dream-7B pass a Qwen2.5-Instruct directory as guide_model).
     "d2cache": Method("d2cache", overrides={"decoder": "certainty"}),
-    "freecache": Method("freecache", overrides={"block_length": 32}),
+    "freecache": Method("freecache", overrides={"block_length": 32}),  # as published (FlashDLM)
+    # our earlier FreeCache: every row recomputed at each block's first step
+    "freecache-block-refresh": Method("freecache", {"block_refresh": True}, overrides={"block_length": 32}),
     "guided": Method(overrides={"block_length": 32, "decoder": "guided", "guide_model": "tiny-ar"}),
     "freecache-guided": Method(
         "freecache", overrides={"block_length": 32, "decoder": "guided", "guide_model": "tiny-ar"}

@@ -9,10 +9,14 @@ read from the cache:
 For Dream the row before the block (which predicts its first position) is active too.
 `refresh_interval` adds full refreshes inside a block every that many steps (1 = every step: exact).
 
-FreeCache is the same machinery with a window: the clean rows (prompt and committed blocks) are
-cached from the block's first step, the rows of a sliding window from the block start (`window`
-rows, or exactly the current block with `block_boundary=True`) are recomputed every step, and the
-masked rows beyond the window are not computed (their K, V from the block's first step are read).
+FreeCache is the same machinery with a window: the rows of a sliding window from the block start
+(`window` rows, or exactly the current block with `block_boundary=True`) are recomputed at every step
+but the first, and the rows outside it are read from the cache. As published (FlashDLM), nothing is
+refreshed at a block's start: the prompt's K, V come from the generation's first (full) step and
+each finished block's K, V from its last step's forward (computed before that step's commit);
+masked rows beyond the window keep their K, V from the last forward that computed them.
+`block_refresh=True` is our earlier variant: every row recomputed at each block's first step (as
+`prefix` does), which costs one full forward per block and keeps the cached K, V fresher.
 """
 
 from __future__ import annotations
@@ -48,12 +52,16 @@ class FastDLLMCache:
         return {"name": self.name, "refresh_interval": self.refresh_interval}
 
     def begin_step(self, state: StepState) -> Tensor | None:
-        s = state.step_in_block
-        if s == 0 or (self.refresh_interval and s % self.refresh_interval == 0):
+        if self.full_refresh(state):
             return None
         B, device = state.masked.shape[0], state.masked.device
         start = state.block_start - (1 if state.shift else 0)
         return column_range(B, start, self.window_end(state), device)
+
+    def full_refresh(self, state: StepState) -> bool:
+        """Every row at each block's first step and every `refresh_interval` steps of a block."""
+        s = state.step_in_block
+        return s == 0 or bool(self.refresh_interval and s % self.refresh_interval == 0)
 
     def window_end(self, state: StepState) -> int:
         """End (exclusive) of the rows recomputed at the block's other steps."""
@@ -79,7 +87,13 @@ class DualCache(FastDLLMCache):
 class FreeCache(FastDLLMCache):
     """FreeCache: clean rows cached, a sliding window recomputed, far-right masked rows skipped."""
 
-    def __init__(self, window: int = 512, block_boundary: bool = False, refresh_interval: int = 0) -> None:
+    def __init__(
+        self,
+        window: int = 512,
+        block_boundary: bool = False,
+        refresh_interval: int = 0,
+        block_refresh: bool = False,
+    ) -> None:
         super().__init__("prefix", refresh_interval)
         self.name = "freecache"
         try:
@@ -90,10 +104,25 @@ class FreeCache(FastDLLMCache):
             raise GenerationError(f"freecache: window must be >= 1, got {self.window}")
         if not isinstance(block_boundary, bool):
             raise GenerationError(f"freecache: block_boundary must be true or false, got {block_boundary!r}")
-        self.block_boundary = block_boundary
+        if not isinstance(block_refresh, bool):
+            raise GenerationError(f"freecache: block_refresh must be true or false, got {block_refresh!r}")
+        self.block_boundary, self.block_refresh = block_boundary, block_refresh
 
     def describe(self) -> dict:
-        return {**super().describe(), "window": self.window, "block_boundary": self.block_boundary}
+        return {
+            **super().describe(),
+            "window": self.window,
+            "block_boundary": self.block_boundary,
+            "block_refresh": self.block_refresh,
+        }
+
+    def full_refresh(self, state: StepState) -> bool:
+        """The generation's first step; each block's first step only with `block_refresh`; and
+        every `refresh_interval` steps of a block (its first step included: 1 = every step)."""
+        s = state.step_in_block
+        if state.step == 0 or (self.block_refresh and s == 0):
+            return True
+        return bool(self.refresh_interval and s % self.refresh_interval == 0)
 
     def window_end(self, state: StepState) -> int:
         if self.block_boundary:
