@@ -9,7 +9,7 @@ import torch
 from conftest import PROMPTS
 
 from dllm_cache.cache import D2Cache, FreeCache, make_policy
-from dllm_cache.cache.base import StepState
+from dllm_cache.cache.base import FeatureCache, StepState
 from dllm_cache.cache.d2cache import inflate, rollout_importance
 from dllm_cache.decoding.certainty import certainty_density
 from dllm_cache.decoding.guided import GuidedDecoder, VocabularyMap
@@ -261,18 +261,85 @@ def _ar_greedy(guide: DLLM, prompt: str, n: int) -> list[int]:
     return out
 
 
-def test_guided_with_a_verifier_that_always_agrees_commits_each_block_in_one_step(dream_and_guide):
+def _always(guide: DLLM) -> GuidedDecoder:
+    return GuidedDecoder(guide, agreement=lambda probs, draft: torch.ones_like(draft, dtype=torch.bool))
+
+
+def test_guided_verifies_32_token_chunks_across_block_boundaries(dream_and_guide):
     llm, guide = dream_and_guide
-    always = GuidedDecoder(guide, agreement=lambda probs, draft: torch.ones_like(draft, dtype=torch.bool))
-    out = generate(llm, QUESTIONS, decoder=always, gen_length=32, block_length=8, early_stop=False)
-    assert out.stats.nfe == 4 and out.stats.guide_nfe == 4  # 4 blocks, one step each
-    # ... and what it commits is the dLLM's own one-step draft of each block
-    block0 = generate(
-        llm, QUESTIONS, gen_length=32, block_length=8, steps=4, decoder="threshold", threshold=1e-12
+    # A verifier that always agrees: the first step's drafts of the whole answer (four 16-token
+    # blocks) are checked in two 32-token chunks and all committed in one dLLM step (before: one
+    # step per block, stopping at each block's end).
+    always = _always(guide)
+    out = generate(llm, QUESTIONS, decoder=always, gen_length=64, block_length=16, early_stop=False)
+    assert out.stats.nfe == 1 and out.stats.guide_nfe == 2 and out.stats.guide_row_nfe == [2, 2]
+    # ... and what it commits is the dLLM's own one-step draft of the answer
+    draft = generate(
+        llm, QUESTIONS, gen_length=64, block_length=64, steps=1, decoder="threshold", threshold=1e-12
     )
-    assert torch.equal(
-        out.sequences[:, : out.prompt_length + 8], block0.sequences[:, : out.prompt_length + 8]
+    assert torch.equal(out.sequences, draft.sequences)
+
+
+def test_a_fully_accepted_chunk_leaves_the_ar_cache_equal_to_a_fresh_forward(dream_and_guide):
+    """After a step every AR row the decoder counts as cached holds what a plain AR forward of the
+    committed tokens computes, so the next-token logits from the cache are the plain forward's."""
+    from dllm_cache.models.transformer import ForwardStats
+
+    llm, guide = dream_and_guide
+    for gen_length, block in [(40, 8), (64, 32)]:  # a partial last chunk; two full chunks
+        always = _always(guide)
+        generate(llm, QUESTIONS, decoder=always, gen_length=gen_length, block_length=block, early_stop=False)
+        n = always.Pa + gen_length
+        assert always.cached_upto.tolist() == [n - 1, n - 1]  # the last row has not been computed
+        model, x, layout = guide.model, always.ar_x, always.layout
+        fresh = FeatureCache(model.config, 2, n, model.dtype, x.device, store_outputs=False)
+        plain = model.forward_active(
+            x, layout, fresh, None, None, torch.arange(n).expand(2, n), ForwardStats()
+        )
+        real = layout.key_mask
+        for layer in range(model.config.n_layers):
+            for cached, full in [
+                (always.cache.k[layer], fresh.k[layer]),
+                (always.cache.v[layer], fresh.v[layer]),
+            ]:
+                diff = (cached[:, :, : n - 1] - full[:, :, : n - 1]).abs().amax((1, 3))
+                assert float(diff[real[:, : n - 1]].max()) < 1e-5
+        # the last row's logits computed from the cache == the plain forward's
+        last = torch.full((2, 1), n - 1)
+        from_cache = model.forward_active(x, layout, always.cache, None, last, last, ForwardStats())
+        assert torch.allclose(from_cache[:, 0], plain[:, n - 1], atol=1e-4)
+
+
+def test_topk_relative_takes_its_k_and_ratio_with_the_published_defaults(dream_and_guide):
+    probs = torch.tensor([[[0.40, 0.30, 0.12, 0.10, 0.05, 0.03]]], dtype=torch.float64)  # [B, N, V]
+    agree = GuidedDecoder(dream_and_guide[1], agreement="topk_relative").agreement
+    # defaults top-5, ratio 0.95: only a draft within 95% of the top-1 passes (before: top-2, 0.5)
+    assert agree(probs, torch.tensor([[0]])).item() and not agree(probs, torch.tensor([[1]])).item()
+    loose = GuidedDecoder(dream_and_guide[1], agreement="topk_relative", top_k=5, ratio=0.25).agreement
+    assert [loose(probs, torch.tensor([[t]])).item() for t in range(6)] == [
+        True,
+        True,
+        True,
+        True,
+        False,
+        False,
+    ]
+    top2 = GuidedDecoder(dream_and_guide[1], agreement="topk_relative", top_k=2, ratio=0.25).agreement
+    assert [top2(probs, torch.tensor([[t]])).item() for t in range(4)] == [True, True, False, False]
+    with pytest.raises(GenerationError, match="agreement_top_k"):
+        GuidedDecoder(dream_and_guide[1], agreement="topk_relative", top_k=0)
+    with pytest.raises(GenerationError, match="agreement_ratio"):
+        GuidedDecoder(dream_and_guide[1], agreement="topk_relative", ratio=1.5)
+    llm, guide = dream_and_guide
+    kw = dict(
+        gen_length=32, block_length=32, decoder="guided", guide_model="tiny-ar", agreement="topk_relative"
     )
+    assert (
+        generate(llm, QUESTIONS[:1], agreement_top_k=1, agreement_ratio=0.0, **kw).tokens
+        == generate(
+            llm, QUESTIONS[:1], decoder="guided", guide_model="tiny-ar", gen_length=32, block_length=32
+        ).tokens
+    )  # top-1 at any ratio is the deterministic rule
 
 
 def test_guided_with_a_verifier_that_never_agrees_is_ar_greedy_decoding(dream_and_guide):

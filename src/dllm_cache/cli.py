@@ -119,6 +119,12 @@ def generate(
     agreement: Annotated[
         str | None, typer.Option(help="guided decoder: deterministic | topk_relative")
     ] = None,
+    agreement_top_k: Annotated[
+        int | None, typer.Option(help="topk_relative: the draft must be among the AR top-k (5)")
+    ] = None,
+    agreement_ratio: Annotated[
+        float | None, typer.Option(help="topk_relative: ... with probability >= ratio x the AR top-1 (0.95)")
+    ] = None,
     preset: Annotated[str | None, typer.Option(help="a named method, e.g. fast-dllm-dual-parallel")] = None,
     seed: int = 0,
     no_chat: Annotated[
@@ -165,6 +171,8 @@ def generate(
             "block_length": block_length,
             "guide_model": guide_model,
             "agreement": agreement,
+            "agreement_top_k": agreement_top_k,
+            "agreement_ratio": agreement_ratio,
         }
         overrides = {**method.overrides, **{k: v for k, v in explicit.items() if v is not None}}
         policy = method.policy()

@@ -51,6 +51,8 @@ class GenerationConfig:
     certainty_sigma: float = 10.0  # certainty decoder: width of the certainty-density Gaussian
     guide_model: str | None = None  # guided decoder: the AR verifier (a name or a Qwen2-format dir)
     agreement: str = "deterministic"  # guided decoder: deterministic | topk_relative
+    agreement_top_k: int = 5  # topk_relative: the draft must be among the AR top-k ...
+    agreement_ratio: float = 0.95  # ... with probability >= this x the AR top-1 (published defaults)
     early_commit_margin: float | None = None  # Prophet: commit all when every top1-top2 gap >= this
     chat: bool = True  # wrap text prompts in the tokenizer's chat template
     record_steps: bool = False
@@ -136,7 +138,7 @@ def default_decoder(llm: DLLM, config: GenerationConfig) -> Decoder:
                 "decoder 'guided' needs a guide model (--guide-model tiny-ar or a Qwen2 directory)"
             )
         guide = load_guide(config.guide_model, llm.model.device, llm.model.dtype)
-        decoder = GuidedDecoder(guide, config.agreement)
+        decoder = GuidedDecoder(guide, config.agreement, config.agreement_top_k, config.agreement_ratio)
     elif config.decoder != "reference":
         raise GenerationError(f"unknown decoder {config.decoder!r} (choose {', '.join(DECODERS)})")
     elif llm.config.shift_logits:
@@ -291,7 +293,9 @@ def generate(
             continue  # every row finished early
         context.block_start = bs - P
         decoder.start_block(x[:, bs:be] == mask_id, steps_per_block)
-        logit_rows = column_range(B, bs - shift, be - shift, device)
+        # The decoder sees the block, or (guided decoding) everything from the block start on.
+        span_end = L if getattr(decoder, "whole_answer", False) else be
+        logit_rows = column_range(B, bs - shift, span_end - shift, device)
         if use_cfg:
             logit_rows = torch.cat([logit_rows, logit_rows])
         # Parallel (threshold) decoders finish a block in as many steps as they need, at least one
@@ -300,6 +304,7 @@ def generate(
             # The step: tensor operations only, no host read until the end (tests/test_sync_free.py).
             masked_block = x[:, bs:be] == mask_id
             row_steps += masked_block.any(1)
+            masked_span = x[:, bs:span_end] == mask_id
             state = StepState(
                 n, s, blk, bs, be, P, L, x_in == mask_id, just_committed, bool(shift), row_budget
             )
@@ -316,16 +321,16 @@ def generate(
             # skipped for a dynamic decoder, which commits among the computed masked rows (NaN logits
             # on the others, see decoding/base.py) and needs at least one per unfinished row.
             if dynamic:
-                ready = (masked_block & ~skipped).any(1) | ~masked_block.any(1)
+                ready = (masked_span & ~skipped).any(1) | ~masked_span.any(1)
                 misses = ~ready.all()
             else:
-                misses = (skipped & masked_block).any()
-            logits = torch.where((skipped & ~masked_block)[..., None], 0.0, logits)
-            commit = decoder.step(logits, masked_block, s, generator)
-            block_x = x[:, bs:be]
-            block_x.copy_(torch.where(commit.positions, commit.tokens, block_x))
+                misses = (skipped & masked_span).any()
+            logits = torch.where((skipped & ~masked_span)[..., None], 0.0, logits)
+            commit = decoder.step(logits, masked_span, s, generator)
+            span_x = x[:, bs:span_end]
+            span_x.copy_(torch.where(commit.positions, commit.tokens, span_x))
             committed = torch.zeros((B, L), dtype=torch.bool, device=device)
-            committed[:, bs:be] = commit.positions
+            committed[:, bs:span_end] = commit.positions
             if config.early_stop:
                 committed |= _finish_rows(x, P, mask_id, end_ids, cfg.eos_token_id)
             just_committed = torch.cat([committed, committed]) if use_cfg else committed
@@ -355,8 +360,21 @@ def generate(
         torch.cuda.synchronize(device)
     wall = time.perf_counter() - start
     guide_stats = getattr(inner, "stats", None)
+    guide_row_nfe = getattr(inner, "row_forwards", None)
     return _result(
-        llm, x, P, n, row_steps.tolist(), use_cfg, wall, fstats, feature_cache, records, end_ids, guide_stats
+        llm,
+        x,
+        P,
+        n,
+        row_steps.tolist(),
+        use_cfg,
+        wall,
+        fstats,
+        feature_cache,
+        records,
+        end_ids,
+        guide_stats,
+        guide_row_nfe,
     )
 
 
@@ -397,7 +415,7 @@ def _record(
 ) -> StepRecord:
     pos, toks, confs = [], [], []
     conf_full = torch.full(x.shape, float("nan"), dtype=torch.float64, device=x.device)
-    conf_full[:, bs:be] = commit.confidence.to(torch.float64)
+    conf_full[:, bs : bs + commit.confidence.shape[1]] = commit.confidence.to(torch.float64)
     for b in range(x.shape[0]):
         cols = committed[b].nonzero().flatten()
         pos.append((cols - P).tolist())
@@ -419,6 +437,7 @@ def _result(
     records: list[StepRecord] | None,
     end_ids: Tensor,
     guide_stats: ForwardStats | None = None,
+    guide_row_nfe: list[int] | None = None,
 ) -> GenerationResult:
     answers = x[:, P:].tolist()
     end_set = set(end_ids.tolist())
@@ -447,8 +466,8 @@ def _result(
         guide_nfe=guide_stats.forwards if guide_stats is not None else 0,
         guide_flops=guide_stats.total_flops() if guide_stats is not None else 0.0,
         row_nfe=[k * (2 if use_cfg else 1) for k in row_steps],
-        # The verifier runs once per step over every row that still has masks.
-        guide_row_nfe=list(row_steps) if guide_stats is not None else [0] * len(row_steps),
+        # The verifier's forwards that checked each row's drafts (one per chunk).
+        guide_row_nfe=guide_row_nfe if guide_row_nfe is not None else [0] * len(row_steps),
     )
     return GenerationResult(tokens, texts, x.cpu(), P, stats, records)
 

@@ -1,13 +1,22 @@
 """Guided Diffusion: a small autoregressive model verifies what the dLLM drafts (speculative style).
 
-Each step the dLLM drafts every masked position of the current block (argmax). The AR model (a
-causal Qwen2-format checkpoint sharing the tokenizer) reads the committed answer plus the draft in one
-forward pass, keeping its own K/V cache over the committed prefix (causal: committed rows never
-change). From the first masked position on, the longest run of drafted tokens the AR model agrees
-with is committed, plus the AR model's own token at the first disagreement, so every step commits at
-least one token. Agreement rules:
+Each step the dLLM drafts every masked position from the current block's start to the end of the
+answer (argmax; the engine hands this decoder the logits of that whole span). The AR model (a causal
+Qwen2-format checkpoint sharing the tokenizer) checks the drafts as the published verifier does
+(FlashDLM): in chunks of `chunk` (32) positions from the first masked position, across block
+boundaries, one AR forward per chunk over the committed answer plus the draft, keeping its own K/V
+cache over the committed prefix (causal: committed rows never change). The longest run of drafted
+tokens the AR model agrees with is committed, plus the AR model's own token at the first
+disagreement, so every step commits at least one token; a fully accepted chunk moves on to the next.
+Agreement rules:
 - `deterministic`: the AR argmax equals the draft;
-- `topk_relative`: the draft is among the AR top-2 and its probability >= 0.5 x the AR top-1.
+- `topk_relative`: the draft is among the AR top-`agreement_top_k` and its probability is at least
+  `agreement_ratio` x the AR top-1 (the published evaluator's defaults: top-k 5, ratio 0.95).
+
+The AR K/V cache holds exactly the rows whose tokens are final: after a step, every row before the
+first position not accepted (the published verifier also keeps one entry past a fully accepted
+chunk that its next forward overwrites; here no row is kept that a plain AR forward would not hold).
+A masked position the dLLM's cache did not compute (no draft) counts as a disagreement.
 
 Vocabularies are matched by token string at load (Dream and Qwen2.5 share ids; the demo models share
 one BPE). The dLLM's EOS maps to the AR model's end-of-turn marker when it has one (Dream pads answers
@@ -18,6 +27,7 @@ template.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,10 +49,11 @@ def agree_deterministic(probs: Tensor, draft: Tensor) -> Tensor:
     return probs.argmax(-1) == draft
 
 
-def agree_topk_relative(probs: Tensor, draft: Tensor) -> Tensor:
-    top2 = probs.topk(2, dim=-1)
+def agree_topk_relative(probs: Tensor, draft: Tensor, top_k: int = 5, ratio: float = 0.95) -> Tensor:
+    """The draft is among the AR top-k and its probability >= ratio x the AR top-1."""
+    top = probs.topk(min(top_k, probs.shape[-1]), dim=-1)
     p_draft = probs.gather(-1, draft.clamp(min=0)[..., None]).squeeze(-1)
-    return (top2.indices == draft[..., None]).any(-1) & (p_draft >= 0.5 * top2.values[..., 0])
+    return (top.indices == draft[..., None]).any(-1) & (p_draft >= ratio * top.values[..., 0])
 
 
 AGREEMENTS: dict[str, Agreement] = {
@@ -110,21 +121,39 @@ class GuidedDecoder:
 
     name = "guided"
     dynamic = True
+    whole_answer = True  # the engine passes logits from the block start to the end of the answer
 
-    def __init__(self, guide: DLLM, agreement: str | Agreement = "deterministic") -> None:
+    def __init__(
+        self,
+        guide: DLLM,
+        agreement: str | Agreement = "deterministic",
+        top_k: int = 5,
+        ratio: float = 0.95,
+        chunk: int = 32,
+    ) -> None:
         if not guide.config.causal:
             raise GenerationError(
                 f"guide model {guide.path} is not causal (model_type {guide.config.arch!r}): guided decoding "
                 "needs an autoregressive LM such as tiny-ar or Qwen2.5-Instruct"
             )
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise GenerationError(f"guided decoder: agreement_top_k must be an integer >= 1, got {top_k!r}")
+        if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0.0 <= ratio <= 1.0:
+            raise GenerationError(f"guided decoder: agreement_ratio must be in [0, 1], got {ratio!r}")
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+            raise GenerationError(f"guided decoder: chunk must be an integer >= 1, got {chunk!r}")
         if isinstance(agreement, str):
             if agreement not in AGREEMENTS:
                 raise GenerationError(
                     f"unknown agreement rule {agreement!r} (choose {', '.join(AGREEMENTS)})"
                 )
-            agreement = AGREEMENTS[agreement]
-        self.guide, self.agreement = guide, agreement
+            if agreement == "topk_relative":
+                agreement = functools.partial(agree_topk_relative, top_k=top_k, ratio=float(ratio))
+            else:
+                agreement = AGREEMENTS[agreement]
+        self.guide, self.agreement, self.chunk = guide, agreement, chunk
         self.stats = ForwardStats()  # the AR model's forwards, counted apart from the dLLM's
+        self.row_forwards: list[int] = []  # per prompt: AR forwards that verified its drafts
         self.ctx: GenerationContext | None = None
         self.vocab: VocabularyMap | None = None
         self._vocab_of: Any = None
@@ -166,11 +195,13 @@ class GuidedDecoder:
         self.cached_upto = torch.zeros(B, dtype=torch.long, device=device)  # AR rows with final K/V
         self.Pa, self.ctx = Pa, ctx
         self.stats = ForwardStats()
+        self.row_forwards = [0] * B
 
     def start_block(self, masked: Tensor, steps: int) -> None:
         pass
 
     def step(self, logits: Tensor, masked: Tensor, step_in_block: int, generator: torch.Generator) -> Commit:
+        """logits, masked: the span from the block start on (to the answer's end, see the engine)."""
         ctx, vocab = self.ctx, self.vocab
         if ctx is None or vocab is None:
             raise GenerationError("guided decoder used outside generate() (no generation context)")
@@ -185,44 +216,66 @@ class GuidedDecoder:
         masked, draft = masked.to(device), draft_out.to(device)
         # The AR sequence mirrors the dLLM's answer: committed tokens, then the draft.
         answer = ctx.x[:, P:].to(device).clone()
-        block = answer[:, off : off + N]
-        block[masked] = draft[masked]
+        span = answer[:, off : off + N]
+        span[masked] = draft[masked]
         mapped = vocab.guide_ids(answer.clamp(min=0))
         self.ar_x[:, Pa:] = torch.where(mapped >= 0, mapped, torch.full_like(mapped, vocab.guide_pad))
-        # One AR forward over the rows not yet cached, up to the end of the block.
-        has_mask = masked.any(1)
-        first = torch.where(has_mask, masked.long().argmax(1), torch.zeros_like(has_mask, dtype=torch.long))
-        start = torch.minimum(self.cached_upto, Pa + off + first - 1)
-        cols = torch.arange(Pa + off + N, device=device)
-        active = (cols[None, :] >= start[:, None]) & (cols[None, :] < Pa + off + N - 1).expand(B, -1)
-        active = torch.cat(
-            [active, torch.zeros((B, self.ar_x.shape[1] - active.shape[1]), dtype=torch.bool, device=device)],
-            1,
-        )
-        rows = rows_from_mask(active)
-        # row Pa+off+j-1 predicts answer position off+j
-        logit_rows = (Pa + off - 1 + torch.arange(N, device=device)).expand(B, N)
-        ar_logits = self.guide.model.forward_active(
-            self.ar_x, self.layout, self.cache, None, rows, logit_rows, self.stats
-        )
-        ar_probs = ar_logits.to(torch.float64).softmax(-1)
-        ar_top = vocab.model_ids(ar_probs.nan_to_num(0.0).argmax(-1))
         draft_guide = vocab.guide_ids(draft)
-        agree = self.agreement(ar_probs.nan_to_num(0.0), draft_guide) & (draft_guide >= 0)
-        # committed positions pass; a masked position without a draft (uncomputed) disagrees
-        ok = (agree & ready) | ~masked
-        ok_run = ok.long().cumprod(1).bool()  # positions before the first disagreement
-        commit = masked & ok_run
-        stop = (~ok_run).long().argmax(1)  # first disagreement (0 when everything agreed)
-        disagree = (~ok_run).any(1)
-        tokens = draft.clone()
-        rows_b = torch.arange(B, device=device)[disagree]
-        ar_token = ar_top[rows_b, stop[disagree]]
+        has_mask = masked.any(1)
+        first = torch.where(has_mask, masked.long().argmax(1), torch.full_like(has_mask, N, dtype=torch.long))
+        stop = torch.full((B,), N, dtype=torch.long, device=device)  # first disagreement (N: none)
+        ar_top = torch.full((B, N), -1, dtype=torch.long, device=device)  # AR argmax, dLLM ids
+        base = Pa + off  # the AR row holding span position 0; row base + j - 1 predicts position j
+        cols = torch.arange(self.ar_x.shape[1], device=device)
+        batch_idx = torch.arange(B, device=device)[:, None].expand(B, self.chunk)
+        going, c = has_mask.clone(), 0
+        while True:
+            lo = first + c * self.chunk  # this chunk's span positions: [lo, hi)
+            going &= lo < N
+            if not bool(going.any()):
+                break
+            hi = torch.clamp(lo + self.chunk, max=N)
+            start = base + lo - 1
+            if c == 0:  # rows not cached yet (a previous disagreement, the prompt at step 0)
+                start = torch.minimum(self.cached_upto, start)
+            active = (cols[None, :] >= start[:, None]) & (cols[None, :] < (base + hi - 1)[:, None])
+            pos = lo[:, None] + torch.arange(self.chunk, device=device)
+            valid = (pos < hi[:, None]) & going[:, None]
+            pos = pos.clamp(max=N - 1)
+            ar_logits = self.guide.model.forward_active(
+                self.ar_x,
+                self.layout,
+                self.cache,
+                None,
+                rows_from_mask(active & going[:, None]),
+                base + pos - 1,
+                self.stats,
+            )
+            for b in going.nonzero().flatten().tolist():
+                self.row_forwards[b] += 1
+            ar_probs = ar_logits.to(torch.float64).softmax(-1).nan_to_num(0.0)
+            ar_top[batch_idx[valid], pos[valid]] = vocab.model_ids(ar_probs.argmax(-1))[valid]
+            d = draft_guide.gather(1, pos)
+            agree = self.agreement(ar_probs, d) & (d >= 0)
+            # committed positions pass; a masked position without a draft (uncomputed) disagrees
+            ok = (agree & ready.gather(1, pos)) | ~masked.gather(1, pos)
+            fail = valid & ~ok
+            failed = fail.any(1)
+            stop = torch.where(failed, lo + fail.long().argmax(1), stop)
+            going &= ~failed
+            c += 1
+        idx = torch.arange(N, device=device)
+        commit = masked & (idx[None, :] < stop[:, None])
+        disagree = stop < N
+        rows_b, at = batch_idx[:, 0][disagree], stop[disagree]
+        ar_token = ar_top[rows_b, at]
         # the AR token at the first disagreement (the draft if the AR token has no dLLM id)
-        tokens[rows_b, stop[disagree]] = torch.where(ar_token >= 0, ar_token, tokens[rows_b, stop[disagree]])
-        commit[rows_b, stop[disagree]] = masked[rows_b, stop[disagree]]
-        # AR rows whose tokens are final now: everything before the first disagreement
-        upto = torch.where(disagree, Pa + off + stop, torch.full_like(stop, Pa + off + N))
+        tokens = draft.clone()
+        tokens[rows_b, at] = torch.where(ar_token >= 0, ar_token, tokens[rows_b, at])
+        commit[rows_b, at] = masked[rows_b, at]
+        # AR rows whose tokens are final now: every row before the first position not accepted
+        # (all accepted: the last answer row, whose K/V no forward has computed yet, is not)
+        upto = torch.where(disagree, base + stop, torch.full_like(stop, base + N - 1))
         self.cached_upto = torch.where(has_mask, upto, self.cached_upto)
         return Commit(commit.to(draft_out.device), tokens.to(draft_out.device), conf)
 
