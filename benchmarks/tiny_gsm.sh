@@ -16,9 +16,9 @@ for grid in $GRIDS; do
   case $grid in
     all)  # every method; guided decoding only on tiny-dream (tiny-ar shares its vocabulary)
       dllm-cache eval --model tiny-llada "${COMMON[@]}" --out-dir "runs/bench-$N-llada-all" \
-        --cache "none,dllm-cache,$STALE,$BLOCK,d2cache,freecache"
+        --cache "none,dllm-cache,$STALE,$BLOCK,d2cache,freecache,freecache-block-refresh"
       dllm-cache eval --model tiny-dream "${COMMON[@]}" --out-dir "runs/bench-$N-dream-all" \
-        --cache "none,dllm-cache,$BLOCK,d2cache,freecache,guided,freecache-guided" ;;
+        --cache "none,dllm-cache,$BLOCK,d2cache,freecache,freecache-block-refresh,guided,freecache-guided" ;;
     dllm)  # issue #5: dLLM-Cache on both diffusion demo models
       dllm-cache eval --model tiny-llada "${COMMON[@]}" --cache none,dllm-cache --out-dir "runs/bench-$N-llada-dllm"
       dllm-cache eval --model tiny-dream "${COMMON[@]}" --cache none,dllm-cache --out-dir "runs/bench-$N-dream-dllm" ;;
@@ -29,7 +29,7 @@ for grid in $GRIDS; do
       done ;;
     more)  # issue #9: d2cache, freecache, guided decoding with tiny-ar (which shares tiny-dream's vocabulary)
       dllm-cache eval --model tiny-dream "${COMMON[@]}" --out-dir "runs/bench-$N-dream-more" \
-        --cache none,d2cache,freecache,guided,freecache-guided ;;
+        --cache none,d2cache,freecache,freecache-block-refresh,guided,freecache-guided ;;
     paraphrase)  # the baselines on word problems phrased as no training problem is (tiny-gsm-paraphrase)
       for model in llada dream; do
         dllm-cache eval --model "tiny-$model" "${COMMON[@]/#tiny-gsm/tiny-gsm-paraphrase}" --cache none \
@@ -38,7 +38,7 @@ for grid in $GRIDS; do
     pairs)  # pair problems (several right answers, the second number must agree with the first):
       # where one-pass decoding and a stale cache show (tiny-llada: the demo model trained on them)
       dllm-cache eval --model tiny-llada "${COMMON[@]/#tiny-gsm/tiny-gsm-pairs}" --out-dir "runs/bench-$N-llada-pairs" \
-        --cache "none,dllm-cache,$STALE,$BLOCK,d2cache,freecache" ;;
+        --cache "none,dllm-cache,$STALE,$BLOCK,d2cache,freecache,freecache-block-refresh" ;;
     *) echo "unknown grid $grid (all, paraphrase, pairs, dllm, block, more)" >&2; exit 2 ;;
   esac
 done
