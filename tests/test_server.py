@@ -150,7 +150,11 @@ def test_streaming_denoising_view(server):
             400,
             "exceeds the model's maximum sequence length",
         ),
-        ({"model": "tiny", "prompt": "x", "temperature": -1}, 400, "temperature must be >= 0"),
+        (
+            {"model": "tiny", "prompt": "x", "temperature": -1},
+            400,
+            "temperature: Input should be greater than or equal to 0",
+        ),
         ({"model": "tiny", "prompt": "x", "dllm": {"cache": "magic"}}, 400, "unknown cache policy 'magic'"),
         ({"model": "tiny", "prompt": ""}, 400, "prompt is empty"),
         ({"model": "tiny"}, 400, "prompt"),

@@ -536,8 +536,28 @@ def serve(
     max_batch_size: int = 8,
     max_queue: int = 64,
     api_key: Annotated[
-        str | None, typer.Option(envvar="DLLM_CACHE_API_KEY", help="require this bearer key")
+        str | None,
+        typer.Option(
+            envvar="DLLM_CACHE_API_KEY",
+            show_envvar=True,
+            help="require this bearer key (prefer the environment variable or --api-key-file: "
+            "a command line is visible to every user of the machine)",
+        ),
     ] = None,
+    api_key_file: Annotated[
+        Path | None, typer.Option(help="read the bearer key from this file (first line)")
+    ] = None,
+    guide_model: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="a guide model requests may name (NAME=DIR, or a directory, named by its last part); "
+            "default: the checkpoints shipped with the package"
+        ),
+    ] = None,
+    max_body_bytes: Annotated[
+        int | None, typer.Option(help="refuse larger request bodies (413); default: from the model's context")
+    ] = None,
+    keep_alive: Annotated[int, typer.Option(help="close connections idle this many seconds")] = 5,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
 ) -> None:
@@ -546,12 +566,30 @@ def serve(
         try:
             import uvicorn
 
-            from dllm_cache.serve.app import create_app
+            from dllm_cache.serve.app import create_app, embedded_guide_models
+            from dllm_cache.serve.server import server_config
         except ImportError:
             raise DllmCacheError("the server needs its extra: pip install 'dllm-cache[serve]'") from None
         from dllm_cache.methods import parse_method
-        from dllm_cache.models.loading import load
+        from dllm_cache.models.loading import load, resolve_model_dir
 
+        if api_key and api_key_file:
+            raise DllmCacheError("give the API key once: --api-key (or DLLM_CACHE_API_KEY) or --api-key-file")
+        if api_key_file:
+            if not api_key_file.is_file():
+                raise DllmCacheError(f"--api-key-file {api_key_file}: no such file")
+            lines = api_key_file.read_text().strip().splitlines()
+            api_key = lines[0].strip() if lines else ""
+            if not api_key:
+                raise DllmCacheError(f"--api-key-file {api_key_file} is empty")
+        if (max_body_bytes is not None and max_body_bytes <= 0) or keep_alive <= 0:
+            raise DllmCacheError("--max-body-bytes and --keep-alive must be positive")
+        guides = embedded_guide_models()
+        for g in guide_model or []:
+            name, sep, where = g.partition("=")
+            if not sep:
+                name, where = Path(g).name, g
+            guides[name] = str(resolve_model_dir(where))
         method = parse_method(preset) if preset else parse_method(cache)
         method.cache_args.update(parse_cache_args(cache_arg))
         method.policy()
@@ -563,9 +601,11 @@ def serve(
             max_batch_size=max_batch_size,
             max_queue=max_queue,
             api_key=api_key,
+            max_body_bytes=max_body_bytes,
+            guide_models=guides,
         )
     err_console.print(f"serving {model} on http://{host}:{port}/v1 (cache: {method.cache})")
-    uvicorn.run(app_, host=host, port=port, log_level="warning")
+    uvicorn.Server(server_config(app_, host, port, keep_alive_s=keep_alive)).run()
 
 
 @app.command()

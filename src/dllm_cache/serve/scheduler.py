@@ -3,6 +3,10 @@
 Requests wait in a bounded queue; the worker takes the oldest and every queued request with the same
 settings (up to max_batch_size), runs one left-padded generation, and hands each request its own row.
 Streaming requests receive events (text deltas, denoising canvases) through their asyncio queue.
+
+A request holds a slot from submit() until it is answered or cancelled. The slots being generated are
+a set, not a counter: the worker finishing a batch and a client leaving can race, and removing a job
+twice from a set is harmless where decrementing a counter twice is not.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ class Cancelled(Exception):
     """Raised inside the generation loop when every request of the batch has gone away."""
 
 
-@dataclass
+@dataclass(eq=False)  # identity: jobs live in sets and are removed by identity
 class Job:
     prompt_ids: list[int]
     config: GenerationConfig
@@ -40,6 +44,7 @@ class Job:
     max_tokens: int | None = None  # the generation may be rounded up to whole blocks; cut here
     cancelled: threading.Event = field(default_factory=threading.Event)
     sent_text: str = ""
+    started: bool = False  # the generation passed its checks and ran a step ("started" was sent)
 
     def key(self) -> str:
         """Requests with the same key can share one generation."""
@@ -70,7 +75,7 @@ class Metrics:
         rows = [
             ("dllm_requests_total", "counter", "requests accepted", self.requests),
             ("dllm_request_errors_total", "counter", "requests answered with an error", self.errors),
-            ("dllm_requests_cancelled_total", "counter", "streams the client left", self.cancelled),
+            ("dllm_requests_cancelled_total", "counter", "requests the client left", self.cancelled),
             ("dllm_batches_total", "counter", "generations run", self.batches),
             (
                 "dllm_batched_requests_total",
@@ -114,12 +119,16 @@ class Scheduler:
             batch_wait_s,
         )
         self.pending: deque[Job] = deque()
-        self.in_flight = 0
+        self.running: set[Job] = set()  # taken by the worker, not yet answered or cancelled
         self.metrics = Metrics()
         self._cv = threading.Condition()
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="dllm-scheduler", daemon=True)
         self._thread.start()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.running)
 
     def submit(self, job: Job) -> None:
         with self._cv:
@@ -129,17 +138,19 @@ class Scheduler:
             self.metrics.requests += 1
             self._cv.notify()
 
-    def cancel(self, job: Job) -> None:
-        """The client went away: stop sending, and free its slot now."""
-        if job.cancelled.is_set() or job.future.done():
-            return
-        job.cancelled.set()
+    def cancel(self, job: Job, client_left: bool = True) -> None:
+        """Stop working for this job and free its slot now (idempotent). `client_left`: the client went
+        away (counted in the metrics), rather than the answer being complete early (a stop string)."""
         with self._cv:
-            self.metrics.cancelled += 1
+            if job.cancelled.is_set():
+                return
+            job.cancelled.set()
+            answered = job.future.done() or not (job in self.running or job in self.pending)
+            if client_left and not answered:
+                self.metrics.cancelled += 1
             if job in self.pending:
                 self.pending.remove(job)
-            else:
-                self.in_flight -= 1
+            self.running.discard(job)
 
     def close(self) -> None:
         with self._cv:
@@ -165,7 +176,7 @@ class Scheduler:
                 if job.key() == key:
                     self.pending.remove(job)
                     batch.append(job)
-            self.in_flight += len(batch)
+            self.running.update(batch)
             return batch
 
     def _run(self) -> None:
@@ -177,6 +188,12 @@ class Scheduler:
     def _on_step(self, batch: list[Job], event: StepEvent) -> None:
         if all(j.cancelled.is_set() for j in batch):
             raise Cancelled()
+        if not any(j.events is not None for j in batch):
+            return
+        for job in batch:
+            if not job.started:  # the settings were accepted: a stream may answer 200 now
+                job.started = True
+                job.emit(("started", None))
         tok = self.llm.tokenizer
         end_ids = set(self.llm.end_token_ids)
         for row, job in enumerate(batch):
@@ -205,14 +222,16 @@ class Scheduler:
                 [j.prompt_ids for j in batch],
                 first.config,
                 cache=first.method.policy(),
-                on_step=(lambda e: self._on_step(batch, e)) if any(j.events for j in batch) else None,
+                on_step=lambda e: self._on_step(batch, e),  # also stops a batch every client left
             )
         except Cancelled:
+            with self._cv:
+                self.running.difference_update(batch)
             return
         except Exception as e:  # noqa: BLE001 - every waiting client must hear about it
-            live = [j for j in batch if not j.cancelled.is_set()]
             with self._cv:
-                self.in_flight -= len(live)
+                live = [j for j in batch if not j.cancelled.is_set()]
+                self.running.difference_update(batch)
                 self.metrics.errors += len(live)
             for j in live:
                 j.loop.call_soon_threadsafe(_set_exception, j.future, e)
@@ -220,7 +239,7 @@ class Scheduler:
             return
         s = out.stats
         with self._cv:
-            self.in_flight -= sum(1 for j in batch if not j.cancelled.is_set())
+            self.running.difference_update(batch)
             m = self.metrics
             m.batches += 1
             m.batched_requests += len(batch)
