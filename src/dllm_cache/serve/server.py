@@ -2,13 +2,16 @@
 
 uvicorn closes a keep-alive connection that stays idle after a response, but arms no timer for a
 connection that never sends a request: a client could hold sockets open forever. The protocol here
-arms the same timer as soon as the connection is made.
+arms the same timer as soon as the connection is made. Malformed HTTP (which never reaches the app)
+is refused in OpenAI's error shape too, not uvicorn's plain text.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 
+import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -22,6 +25,22 @@ class IdleClosingH11Protocol(H11Protocol):
         self.timeout_keep_alive_task = self.loop.call_later(
             self.timeout_keep_alive, self.timeout_keep_alive_handler
         )
+
+    def send_400_response(self, msg: str) -> None:
+        error = {"message": msg, "type": "invalid_request_error", "param": None, "code": "invalid_http"}
+        body = json.dumps({"error": error}).encode()
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"),
+        ]
+        for event in (
+            h11.Response(status_code=400, headers=headers),
+            h11.Data(data=body),
+            h11.EndOfMessage(),
+        ):
+            self.transport.write(self.conn.send(event))
+        self.transport.close()
 
 
 def server_config(
