@@ -30,6 +30,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from dllm_cache.cache import POLICIES
@@ -43,6 +44,9 @@ from dllm_cache.serve.scheduler import Job, JobResult, QueueFull, Scheduler
 MAX_JSON_DEPTH = 32  # the deepest legitimate request (cache_args inside dllm) is 3 levels down
 MAX_STOPS = 4  # as OpenAI
 DISCONNECT_POLL_S = 0.1
+# A body over the limit is read on (and dropped) up to this much / this long, so that an ordinary
+# client, which sends its whole body before it reads, sees the 413 instead of a reset connection.
+DRAIN_BYTES, DRAIN_S = 64 << 20, 1.0
 
 
 class APIError(Exception):
@@ -240,13 +244,19 @@ def create_app(
             headers={"Connection": "close"},
         )
         declared = request.headers.get("content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > max_body_bytes):
-            raise too_large
-        body = bytearray()
+        if declared is not None and (not declared.isdigit() or int(declared) > DRAIN_BYTES):
+            raise too_large  # at once: a client still sending may see only the connection close
+        body, received, t0 = bytearray(), 0, time.monotonic()
         async for chunk in request.stream():
-            body += chunk
-            if len(body) > max_body_bytes:
+            received += len(chunk)
+            if received <= max_body_bytes:
+                body += chunk
+            elif received > DRAIN_BYTES or time.monotonic() - t0 > DRAIN_S:
                 raise too_large
+            else:  # keep nothing, but read on so that the client is not cut off mid-send
+                body.clear()
+        if received > max_body_bytes:
+            raise too_large
         return bytes(body)
 
     def _method_for(opts: DllmOptions) -> Method:
@@ -393,7 +403,10 @@ def create_app(
             task.cancel()
 
     async def _run(request: Request, kind: str) -> Any:
-        body = await _read_body(request)
+        try:
+            body = await _read_body(request)
+        except ClientDisconnect:
+            return Response(status_code=499)  # gone mid-body: nobody to answer
         req, ids, config, m, max_tokens = await run_in_threadpool(_build, body, kind)
         loop = asyncio.get_running_loop()
         job = Job(
