@@ -358,15 +358,20 @@ async def _idle(t: Tally, port: int, n: int, keep_alive: int) -> None:
         t0 = time.perf_counter()
         try:
             data = await asyncio.wait_for(reader.read(1), keep_alive + 5)
-            t.event("idle connection", "closed by server" if data == b"" else "got data")
+            waited = time.perf_counter() - t0
+            if data:
+                t.event("idle connection", "got data")
+            else:
+                t.event(
+                    "idle connection",
+                    f"closed by server within {keep_alive + 1} s"
+                    if waited <= keep_alive + 1
+                    else "closed late",
+                )
         except TimeoutError:
             t.event("idle connection", "still open")
         finally:
             writer.close()
-        t.event(
-            "idle connection",
-            f"open <= {keep_alive + 1} s" if time.perf_counter() - t0 <= keep_alive + 1 else "open longer",
-        )
 
     await asyncio.gather(*(one() for _ in range(n)))
 
