@@ -550,8 +550,8 @@ def serve(
     guide_model: Annotated[
         list[str] | None,
         typer.Option(
-            help="a guide model requests may name (NAME=DIR, or a directory, named by its last part); "
-            "default: the checkpoints shipped with the package"
+            help="a guide model requests may name besides the checkpoints shipped with the package "
+            "(NAME=DIR, or DIR, named by its last part)"
         ),
     ] = None,
     max_body_bytes: Annotated[
