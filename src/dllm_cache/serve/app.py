@@ -400,6 +400,8 @@ def create_app(
             scheduler.cancel(job)
             raise
         finally:
+            if task.done() and not task.cancelled():
+                task.exception()  # read here; the caller looks at job.future itself
             task.cancel()
 
     async def _run(request: Request, kind: str) -> Any:
@@ -445,16 +447,14 @@ def create_app(
             return Response(status_code=499)
         what, payload = first.result()
         if what == "error":
-            _result_or_error(job)
+            raise _api_error_for(payload)
         stream = _stream(job, (what, payload), kind, rid, max_tokens, stops)
         return StreamingResponse(stream, media_type="text/event-stream")
 
     def _result_or_error(job: Job) -> JobResult:
-        exc = job.future.exception() if job.future.done() else None
-        if isinstance(exc, DllmCacheError):
-            raise APIError(400, str(exc))
+        exc = job.future.exception()
         if exc is not None:
-            raise APIError(500, f"generation failed: {type(exc).__name__}", "server_error")
+            raise _api_error_for(exc)
         return job.future.result()
 
     async def _stream(
@@ -487,13 +487,7 @@ def create_app(
                         yield _sse(_chunk(kind, rid, model_name, content(safe[len(sent) :]), None))
                         sent = safe
                 elif what == "error":
-                    e = payload
-                    err = APIError(
-                        400 if isinstance(e, DllmCacheError) else 500,
-                        str(e) if isinstance(e, DllmCacheError) else f"generation failed: {type(e).__name__}",
-                        "invalid_request_error" if isinstance(e, DllmCacheError) else "server_error",
-                    )
-                    yield _sse(_error_body(err))
+                    yield _sse(_error_body(_api_error_for(payload)))
                     break
                 elif what == "done":
                     text, finish = _finish(payload, max_tokens, stops)
@@ -519,6 +513,13 @@ def create_app(
         return await _run(request, "chat")
 
     return app
+
+
+def _api_error_for(exc: BaseException) -> APIError:
+    """A generation failure as the client sees it: the user's mistake (400) or ours (500, unnamed)."""
+    if isinstance(exc, DllmCacheError):
+        return APIError(400, str(exc))
+    return APIError(500, f"generation failed: {type(exc).__name__}", "server_error")
 
 
 def _load_json(body: bytes) -> dict:
