@@ -122,7 +122,7 @@ _SET_BY_REQUEST = {
     "top_p": "top_p",
     "seed": "seed",
 }
-_SERVER_ONLY = {"chat", "record_steps"}
+_SERVER_ONLY = {"chat", "record_steps", "graphs"}  # graphs: capture memory is the server's call
 _CONFIG_TYPES = typing.get_type_hints(GenerationConfig)
 
 
