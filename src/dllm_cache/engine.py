@@ -127,7 +127,8 @@ def default_decoder(llm: DLLM, config: GenerationConfig) -> Decoder:
     """The decoder named by config.decoder ("reference": the model family's own sampler)."""
     decoder: Decoder
     if config.decoder == "threshold":
-        decoder = ThresholdDecoder(config.threshold, config.temperature)
+        family = "dream" if llm.config.shift_logits else "llada"
+        decoder = ThresholdDecoder(config.threshold, config.temperature, family)
     elif config.decoder == "factor":
         decoder = FactorDecoder(config.factor, config.temperature)
     elif config.decoder == "certainty":
@@ -266,7 +267,9 @@ def generate(
     records: list[StepRecord] | None = [] if config.record_steps else None
     just_committed = torch.zeros((rows_total, L), dtype=torch.bool, device=device)
     steps_per_block = steps // n_blocks
-    context = GenerationContext(llm, _as_list(prompts), config.chat, x, P)
+    context = GenerationContext(
+        llm, _as_list(prompts), config.chat, x, P, prompt_lengths=[len(p) for p in ids]
+    )
     if hasattr(inner, "begin_generation"):
         inner.begin_generation(context)
     observe_confidence = getattr(policy, "observe_confidence", None)

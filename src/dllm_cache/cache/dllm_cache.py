@@ -1,12 +1,25 @@
 """dLLM-Cache: long-interval prompt caching + V-similarity partial response updates.
 
 Per step n (counted from the start of the generation):
+- layer 0 recomputes every row (prompt and answer) at every step; the schedule below applies to the
+  layers after it. This is the rule of the published implementation the paper's numbers come from
+  (the dLLM-Cache policy of the d2Cache repository, src/cache/dllm_cache.py: its refresh flags are
+  forced on for layer 0): layer 0's input is the token embeddings, so the rows committed since
+  the last refresh would otherwise keep attention outputs that never saw the new tokens.
+  `layer0_full=false` applies the schedule to layer 0 as well (the ablation);
 - prompt refresh when n % prompt_interval == 0: the prompt rows are recomputed;
 - response refresh when n % response_interval == 0: every answer row is recomputed;
 - otherwise, per layer, V is projected for every answer row from the layer's current input, compared
   (cosine) with the cached V, and the k = floor(transfer_ratio * A) least similar of the A answer-side
   rows are recomputed.
 Rows not recomputed add the layer's cached attention and FFN outputs to their current residual stream.
+
+Row choice, where we differ from the published code on purpose: it takes `topk(smallest)` of the raw
+fp32 cosine similarities. We treat 1 - similarity below UNCHANGED_TOL (1e-5) as no change and break
+ties toward the leftmost row. Rounding noise in the similarity of unchanged rows depends on the
+batch (padding changes the shapes of the matrix products), so picking among those rows by their
+noise would make a row's output depend on what else is in its batch; ours does not. On rows whose
+V really moved (above the tolerance, no exact ties) the two choices agree.
 
 For Dream the answer span is shifted one row left: row i-1 produces the logits for position i, so the
 last prompt row belongs to the answer side (it predicts the first answer token).
@@ -50,6 +63,7 @@ class DLLMCache:
         response_interval: int | None = None,
         transfer_ratio: float | None = None,
         preset: str = "default",
+        layer0_full: bool = True,
     ) -> None:
         if preset not in PRESETS:
             raise GenerationError(f"unknown dllm-cache preset {preset!r} (choose {', '.join(PRESETS)})")
@@ -61,6 +75,9 @@ class DLLMCache:
         except (TypeError, ValueError) as e:
             raise GenerationError(f"dllm-cache: invalid argument value ({e})") from None
         self.preset = preset
+        if not isinstance(layer0_full, bool):
+            raise GenerationError(f"dllm-cache: layer0_full must be true or false, got {layer0_full!r}")
+        self.layer0_full = layer0_full
         if self.prompt_interval < 1:
             raise GenerationError(f"dllm-cache: prompt_interval must be >= 1, got {self.prompt_interval}")
         if self.response_interval < 1:
@@ -75,6 +92,7 @@ class DLLMCache:
             "prompt_interval": self.prompt_interval,
             "response_interval": self.response_interval,
             "transfer_ratio": self.transfer_ratio,
+            "layer0_full": self.layer0_full,
         }
 
     def begin_step(self, state: StepState) -> Tensor | None:
@@ -90,6 +108,8 @@ class DLLMCache:
     def select(self, layer: int, view: LayerView) -> Tensor | None:
         state = self._state
         assert state is not None, "begin_step must be called first"
+        if layer == 0 and self.layer0_full:
+            return None  # every row: layer 0 sees the newly committed tokens at every step
         n = state.step
         refresh_prompt = n % self.prompt_interval == 0
         refresh_response = n % self.response_interval == 0
