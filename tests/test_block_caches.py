@@ -125,8 +125,9 @@ def test_factor_rule_on_constructed_confidences():
         [True, False, True, False, False],
         [True, False, False, False, False],
     ]
-    # a larger factor admits more: factor 2 -> thresholds 0, 0.333, 0.5, 0.6 -> row 0 takes 4 (0.5 >= 0.6? no -> 3)
-    assert factor_rule(conf, 2.0)[0].tolist() == [True, False, True, True, False]
+    # a larger factor admits more: factor 2 -> thresholds 0, 0.333, 0.5, 0.6 -> row 0 passes 3 of 4,
+    # and a walk that stops at the last candidate commits them all (as published)
+    assert factor_rule(conf, 2.0)[0].tolist() == [True, True, True, True, False]
 
 
 def test_factor_decoder_fills_the_answer(dream):
