@@ -70,21 +70,26 @@ def test_recompute_fraction_matches_the_schedule(llada, layer0_full):
     assert out.stats.recompute_fraction == pytest.approx(rows / (steps * (P + G) * n_layers))
 
 
+def _masked_batch(llm, prompts, G):
+    """Left-padded prompts + G masks -> (tokens [B, P+G], layout, P)."""
+    cfg = llm.config
+    P = max(len(p) for p in prompts)
+    x = torch.full((len(prompts), P + G), cfg.pad_token_id)
+    attn = torch.zeros(x.shape, dtype=torch.bool)
+    for b, p in enumerate(prompts):
+        x[b, P - len(p) : P] = torch.tensor(p)
+        attn[b, P - len(p) :] = True
+    x[:, P:] = cfg.mask_token_id
+    return x, llm.model.layout(attn), P
+
+
 def test_layer0_recomputes_every_row_at_every_step(llada):
     """Between refreshes layer 0 still sees the tokens committed since: its cached attention and FFN
     outputs equal a fresh layer-0 pass over the current tokens after every step (they go stale
     with layer0_full=false, the published rule's ablation)."""
     model, cfg = llada.model, llada.config
-    prompts = PROMPTS[:2]
-    P, G = max(len(p) for p in prompts), 8
-    L, B = P + G, len(prompts)
-    x = torch.full((B, L), cfg.pad_token_id)
-    attn = torch.zeros(B, L, dtype=torch.bool)
-    for b, p in enumerate(prompts):
-        x[b, P - len(p) : P] = torch.tensor(p)
-        attn[b, P - len(p) :] = True
-    x[:, P:] = cfg.mask_token_id
-    layout = model.layout(attn)
+    x, layout, P = _masked_batch(llada, PROMPTS[:2], 8)
+    B, L = x.shape
     every = torch.arange(L).expand(B, L)
 
     def layer0(tokens):
@@ -153,16 +158,8 @@ def test_selection_picks_the_least_similar_rows(llada):
 def test_rho_zero_is_pure_interval_caching(llada):
     """With nothing selected, every row's output is embed(x) + the cached sub-block outputs of each layer."""
     model, cfg = llada.model, llada.config
-    prompts = PROMPTS[:2]
-    P, G = max(len(p) for p in prompts), 8
-    L, B = P + G, len(prompts)
-    x = torch.full((B, L), cfg.pad_token_id)
-    attn = torch.zeros(B, L, dtype=torch.bool)
-    for b, p in enumerate(prompts):
-        x[b, P - len(p) : P] = torch.tensor(p)
-        attn[b, P - len(p) :] = True
-    x[:, P:] = cfg.mask_token_id
-    layout = model.layout(attn)
+    x, layout, P = _masked_batch(llada, PROMPTS[:2], 8)
+    B, L = x.shape
     cache = FeatureCache(cfg, B, L, model.dtype, model.device, store_outputs=True)
     policy = DLLMCache(prompt_interval=10, response_interval=10, transfer_ratio=0.0, layer0_full=False)
     every = torch.arange(L).expand(B, L)
