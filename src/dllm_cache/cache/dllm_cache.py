@@ -2,11 +2,11 @@
 
 Per step n (counted from the start of the generation):
 - layer 0 recomputes every row (prompt and answer) at every step; the schedule below applies to the
-  layers after it. This is the rule of the published implementation the paper's numbers come from
-  (the dLLM-Cache policy of the d2Cache repository, src/cache/dllm_cache.py: its refresh flags are
-  forced on for layer 0): layer 0's input is the token embeddings, so the rows committed since
-  the last refresh would otherwise keep attention outputs that never saw the new tokens.
-  `layer0_full=false` applies the schedule to layer 0 as well (the ablation);
+  layers after it. Layer 0's input is the token embeddings, so without this the rows committed
+  since the last refresh keep layer-0 attention outputs that never saw the new tokens. This is the
+  rule of the dLLM-Cache implementation published with d2Cache (its src/cache/dllm_cache.py forces
+  both refresh flags on at layer 0); the hooks of the dLLM-Cache release (maomaocun/dLLM-cache,
+  the version we read) apply the schedule to layer 0 too, which `layer0_full=false` reproduces;
 - prompt refresh when n % prompt_interval == 0: the prompt rows are recomputed;
 - response refresh when n % response_interval == 0: every answer row is recomputed;
 - otherwise, per layer, V is projected for every answer row from the layer's current input, compared
