@@ -1,21 +1,14 @@
-"""Rules as the published code applies them: Fast-dLLM's factor and threshold rules, its Dream loop,
-and the reference samplers' ranking (fp32 confidences, ties broken as torch.topk breaks them)."""
+"""Rules as the published code applies them: Fast-dLLM's factor and threshold rules, its Dream loop."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
-from conftest import PROMPTS, as_llm
+from conftest import PROMPTS
 
-from dllm_cache.decoding.dream import DreamDecoder
-from dllm_cache.decoding.llada import LLaDADecoder
 from dllm_cache.decoding.parallel import ThresholdDecoder, factor_rule
 from dllm_cache.engine import generate
 from dllm_cache.errors import GenerationError
-from dllm_cache.models.loading import save_checkpoint
-from dllm_cache.models.random_init import random_model, tiny_config
 
 INF = float("-inf")
 
@@ -89,93 +82,3 @@ def test_dream_threshold_commits_the_block_start_alone_at_a_blocks_first_step(dr
     assert any(len(row) > 1 for row in first.positions)
     with pytest.raises(GenerationError, match="unknown model family 'qwen'"):
         ThresholdDecoder(0.9, family="qwen")
-
-
-def _context(prompt_length: int, gen_length: int, block_start: int = 0) -> SimpleNamespace:
-    """What the engine hands a decoder: one prompt alone, its length, the current block."""
-    x = torch.zeros(1, prompt_length + gen_length, dtype=torch.long)
-    return SimpleNamespace(
-        x=x, prompt_length=prompt_length, prompt_lengths=[prompt_length], block_start=block_start
-    )
-
-
-def test_llada_ranks_fp32_ties_as_torch_topk_over_the_reference_row():
-    """Two positions at exactly 1.0 in fp32 (float64 tells them apart): the reference commits the one
-    torch.topk picks over its row (prompt + answer, -inf outside the block's masked positions)."""
-    P, G, N, V, tied = 9, 16, 8, 8, (2, 5)
-    ctx = _context(P, G, block_start=8)
-    row = torch.full((P + G,), INF)
-    row[P + 8 + torch.tensor(tied)] = 1.0
-    row[P + 8 + torch.tensor([0, 3])] = 0.3
-    picked = int(row.topk(1).indices) - P - 8
-    other = tied[1] if picked == tied[0] else tied[0]
-    logits = torch.zeros(1, N, V)
-    logits[0, [0, 3], 1] = 1.0  # low confidence
-    logits[0, picked, 4] = 30.0  # 1.0 in fp32; in float64 1 - 7e-13
-    logits[0, other, 4] = 40.0  # 1.0 in fp32; in float64 closer to 1: float64 ranks it first
-    assert logits.softmax(-1).amax(-1)[0, picked] == logits.softmax(-1).amax(-1)[0, other] == 1.0
-    masked = torch.zeros(1, N, dtype=torch.bool)
-    masked[0, [0, 2, 3, 5]] = True
-    decoder = LLaDADecoder()
-    decoder.begin_generation(ctx)
-    decoder.start_block(masked, steps=4)  # one token per step
-    commit = decoder.step(logits, masked, 0, torch.Generator())
-    assert commit.positions[0].nonzero().flatten().tolist() == [picked]
-
-
-@pytest.fixture(scope="module")
-def near_uniform_dream(tmp_path_factory):
-    """Dream with the default init scale (std 0.02): near-uniform logits, so fp32 entropies tie."""
-    path = tmp_path_factory.mktemp("dream-std002") / "dream"
-    return as_llm(save_checkpoint(random_model(tiny_config("dream"), seed=1), path))
-
-
-def _dream_reference(llm, prompt: list[int], gen_length: int, eps: float = 1e-3) -> list[int]:
-    """Dream's published entropy sampler, uncached, greedy, one prompt: fp32 negative entropy of each
-    masked position, int(masked x (1 - s/t)) positions per step chosen by torch.topk over the whole
-    row (prompt positions and committed ones at -inf)."""
-    mask = llm.config.mask_token_id
-    x = torch.tensor([prompt + [mask] * gen_length])
-    t = torch.linspace(1, eps, gen_length + 1)
-    for i in range(gen_length):
-        m = x == mask
-        logits = llm.model(x)
-        logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
-        probs = logits[m].softmax(-1)
-        token = probs.argmax(-1)
-        score = (probs * torch.log(probs + 1e-10)).sum(-1)
-        n = int(m.sum())
-        k = n if i == gen_length - 1 else int(n * (1 - t[i + 1] / t[i]))
-        full = torch.full(x.shape, INF)
-        full[m] = score
-        proposal = torch.full(x.shape, mask)
-        proposal[m] = token
-        if k > 0:
-            idx = full[0].topk(k).indices
-            x[0, idx] = proposal[0, idx]
-    return x[0, len(prompt) :].tolist()
-
-
-def test_dream_entropy_ties_go_as_in_the_reference(near_uniform_dream):
-    """On these prompts equal fp32 entropies occur; the lowest-index tie-break (ours before) gave
-    other tokens on the first three."""
-    llm = near_uniform_dream
-    for prompt in ([196, 120, 164, 184, 149, 186, 63], [71, 19, 194, 29, 22], [22, 56, 192, 65, 26, 180]):
-        out = generate(llm, [prompt], gen_length=16, steps=16, block_length=16, early_stop=False)
-        assert out.sequences[0, -16:].tolist() == _dream_reference(llm, prompt, 16)
-
-
-def test_dream_decoder_without_a_context_ranks_the_block_alone():
-    """Driven by hand (no engine), ties go as torch.topk over the block's own row."""
-    conf_logits = torch.zeros(1, 6, 4)  # six identical rows: every entropy ties
-    masked = torch.ones(1, 6, dtype=torch.bool)
-    decoder = DreamDecoder(alg="entropy")
-    decoder.start_block(masked, steps=2)
-    commit = decoder.step(conf_logits, masked, 1, torch.Generator())  # last step: all six
-    assert commit.positions.all()
-    decoder.start_block(masked, steps=3)
-    commit = decoder.step(conf_logits, masked, 0, torch.Generator())
-    k = int(6 * (1 - decoder.timesteps[1] / decoder.timesteps[0]))
-    expected = torch.zeros(6, dtype=torch.bool)
-    expected[torch.full((6,), -1.3862943649291992).topk(k).indices] = True
-    assert commit.positions[0].tolist() == expected.tolist()

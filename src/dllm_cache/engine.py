@@ -267,9 +267,7 @@ def generate(
     records: list[StepRecord] | None = [] if config.record_steps else None
     just_committed = torch.zeros((rows_total, L), dtype=torch.bool, device=device)
     steps_per_block = steps // n_blocks
-    context = GenerationContext(
-        llm, _as_list(prompts), config.chat, x, P, prompt_lengths=[len(p) for p in ids]
-    )
+    context = GenerationContext(llm, _as_list(prompts), config.chat, x, P)
     if hasattr(inner, "begin_generation"):
         inner.begin_generation(context)
     observe_confidence = getattr(policy, "observe_confidence", None)

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
-from dllm_cache.decoding.base import Commit
-from dllm_cache.decoding.sampling import ReferenceRows, filter_top_k, filter_top_p, sample_from_probs
+from dllm_cache.decoding.base import Commit, top_k_per_row
+from dllm_cache.decoding.sampling import filter_top_k, filter_top_p, sample_from_probs
 from dllm_cache.errors import GenerationError
 
 ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
@@ -38,12 +36,6 @@ class DreamDecoder:
         self.alg, self.temperature, self.top_p, self.top_k = alg, temperature, top_p, top_k
         self.alg_temp, self.eps = alg_temp, eps
         self.timesteps: Tensor | None = None
-        self.rows = ReferenceRows()
-
-    def begin_generation(self, context: Any) -> None:
-        """Rank in the reference's row layout: exact ties (equal fp32 entropies) go as torch.topk
-        breaks them there (see ReferenceRows)."""
-        self.rows = ReferenceRows(context)
 
     def start_block(self, masked: Tensor, steps: int) -> None:
         # float32 like the reference, so the int() truncations of the schedule match it.
@@ -81,7 +73,7 @@ class DreamDecoder:
         k = n_masked if last else (n_masked.float() * (1 - s / t)).long()
         conf = conf.masked_fill(~masked, float("-inf"))
         if not self.alg_temp:
-            return Commit(self.rows.topk(conf, k) & masked, tokens, conf)
+            return Commit(top_k_per_row(conf, k) & masked, tokens, conf)
         # Sample which positions to commit from softmax(confidence / alg_temp), without replacement.
         weights = (conf / self.alg_temp).softmax(-1)
         commit = torch.zeros_like(masked)

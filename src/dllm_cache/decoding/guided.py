@@ -73,7 +73,6 @@ class GenerationContext:
     prompt_length: int  # P
     block_start: int = 0  # the current block's first answer offset (updated by the engine)
     extra: dict[str, Any] = field(default_factory=dict)
-    prompt_lengths: list[int] = field(default_factory=list)  # each prompt's own length (unpadded)
 
 
 class VocabularyMap:

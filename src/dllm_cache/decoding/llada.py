@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
-from dllm_cache.decoding.base import Commit
-from dllm_cache.decoding.sampling import ReferenceRows, gumbel_argmax
+from dllm_cache.decoding.base import Commit, top_k_per_row
+from dllm_cache.decoding.sampling import gumbel_argmax
 from dllm_cache.errors import GenerationError
 
 REMASKING = ("low_confidence", "random")
@@ -33,11 +31,6 @@ class LLaDADecoder:
             raise GenerationError(f"temperature must be >= 0, got {temperature}")
         self.remasking, self.temperature = remasking, temperature
         self.schedule: Tensor | None = None
-        self.rows = ReferenceRows()
-
-    def begin_generation(self, context: Any) -> None:
-        """Rank in the reference's row layout (see ReferenceRows)."""
-        self.rows = ReferenceRows(context)
 
     def start_block(self, masked: Tensor, steps: int) -> None:
         self.schedule = tokens_per_step(masked, steps)
@@ -46,12 +39,10 @@ class LLaDADecoder:
         assert self.schedule is not None
         tokens = gumbel_argmax(logits, self.temperature, generator)
         if self.remasking == "low_confidence":
-            # fp32 like the reference: several positions can tie at exactly 1.0, and which of them
-            # is committed first is then torch.topk's choice (ReferenceRows).
-            probs = logits.float().softmax(-1)
+            probs = logits.to(torch.float64).softmax(-1)
             conf = probs.gather(-1, tokens[..., None]).squeeze(-1)
         else:
             conf = torch.rand(masked.shape, dtype=torch.float64, device=masked.device, generator=generator)
         conf = conf.masked_fill(~masked, float("-inf"))
-        commit = self.rows.topk(conf, self.schedule[:, step_in_block]) & masked
+        commit = top_k_per_row(conf, self.schedule[:, step_in_block]) & masked
         return Commit(commit, tokens, conf)
