@@ -9,8 +9,8 @@ from conftest import PROMPTS
 from dllm_cache.cache import make_policy
 from dllm_cache.engine import generate
 from dllm_cache.errors import GenerationError
-from dllm_cache.models.active import bucket
-from dllm_cache.models.step_graphs import pad_rows, step_mode
+from dllm_cache.models.active import bucket, pad_rows, rows_from_mask, source_rows
+from dllm_cache.models.step_graphs import step_mode
 
 KW = dict(gen_length=16, steps=16, block_length=8)
 # Every policy at its default (approximate) settings, at settings that exercise its branches, and
@@ -81,7 +81,11 @@ def test_buckets_and_padding():
     ]
     assert bucket(300, 280) == 280  # never beyond the sequence
     rows = torch.tensor([[3, 5], [1, 1]])
-    assert pad_rows(rows, 4).tolist() == [[3, 5, 3, 3], [1, 1, 1, 1]]
+    assert pad_rows(rows, 4, 9).tolist() == [[3, 5, 9, 9], [1, 1, 9, 9]]  # 9: the scratch slot
+    assert source_rows(pad_rows(rows, 4, 9), 9).tolist() == [[3, 5, 3, 3], [1, 1, 1, 1]]
+    active = torch.tensor([[0, 1, 1, 0], [0, 0, 1, 0], [0, 0, 0, 0]], dtype=torch.bool)
+    assert rows_from_mask(active).tolist() == [[1, 2], [2, 4], [4, 4]]
+    assert source_rows(rows_from_mask(active), 4).tolist() == [[1, 2], [2, 2], [3, 3]]
 
 
 def test_graph_modes_are_checked(llada):
@@ -104,3 +108,51 @@ def test_cuda_graphs_give_the_eager_tokens(llada_dir, name):
     eager = generate(llm, PROMPTS, cache=_policy(name), graphs=False, **kw)
     graphs = generate(llm, PROMPTS, cache=_policy(name), graphs="cuda-graph", **kw)
     assert torch.equal(eager.sequences, graphs.sequences)
+
+
+@pytest.mark.parametrize("fixture", ["llada", "dream"])
+def test_padding_writes_only_the_scratch_slot(fixture, request):
+    """A bucket's padding rows give the unpadded forward's logits and features, and write nothing
+    but the scratch slot: rows a step did not choose keep their cached values (a batch row with no
+    active row at all included)."""
+    from dllm_cache.models.active import FeatureCache, ForwardStats
+
+    model = request.getfixturevalue(fixture).model
+    B, L = 3, 24
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(3, model.config.vocab_size - 8, (B, L), generator=gen)
+    attn = torch.ones(B, L, dtype=torch.bool)
+    attn[1, :5] = False
+    layout = model.layout(attn)
+    chosen = torch.zeros(B, L, dtype=torch.bool)
+    chosen[0, [4, 9, 20]] = True
+    chosen[1, [21]] = True  # fewer rows than row 0: padded within the batch
+    rows = rows_from_mask(chosen)  # row 2 has none: every slot is padding
+    assert rows.tolist() == [[4, 9, 20], [21, L, L], [L, L, L]]
+    logit_rows = torch.tensor([[4, 9, 20], [21, 21, 21], [0, 1, 2]])
+
+    def run(rows_in):
+        cache = FeatureCache(model.config, B, L, model.dtype, model.device, store_outputs=False)
+        for t in cache.slots["k"] + cache.slots["v"]:
+            t.copy_(torch.randn(t.shape, generator=torch.Generator().manual_seed(1)))
+        before = [t.clone() for t in cache.slots["k"] + cache.slots["v"]]
+        out = model.forward_active(x, layout, cache, None, rows_in, logit_rows, ForwardStats())
+        return out, cache, before
+
+    eager, cache, before = run(rows)
+    padded, padded_cache, _ = run(pad_rows(rows, bucket(rows.shape[1], L), L))
+    assert padded_cache.slots["k"][0].shape[2] == L + 1
+    real = torch.isfinite(eager[..., 0])
+    assert real.tolist() == [[True] * 3, [True] * 3, [False] * 3]  # row 2 computed nothing
+    # (matmuls of another row count may round differently: tokens are compared in the tests above)
+    torch.testing.assert_close(padded[real], eager[real], atol=1e-5, rtol=1e-5)
+    for old, new, new_padded in zip(
+        before,
+        cache.slots["k"] + cache.slots["v"],
+        padded_cache.slots["k"] + padded_cache.slots["v"],
+        strict=True,
+    ):
+        torch.testing.assert_close(new[:, :, :L], new_padded[:, :, :L], atol=1e-5, rtol=1e-5)
+        untouched = ~chosen
+        assert torch.equal(new[:, :, :L].transpose(1, 2)[untouched], old[:, :, :L].transpose(1, 2)[untouched])
+        assert not torch.equal(new_padded[:, :, L], old[:, :, L])  # the padding went to the scratch slot

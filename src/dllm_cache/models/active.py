@@ -9,8 +9,9 @@ engine write it. It sits below both so neither imports the other:
 - `LayerView`: what a per-layer policy may look at before choosing a layer's rows;
 - `ForwardStats`: what was computed, counted from the shapes (device counts are added without a
   host read and read once at the end);
-- row-index helpers (`gather_rows`, `scatter_rows`, `column_range`, `rows_from_mask`, `shifted_left`)
-  and the static-shape buckets (`bucket`).
+- row-index helpers (`gather_rows`, `scatter_rows`, `column_range`, `rows_from_mask`, `shifted_left`),
+  the scratch slot padding rows write into (`pad_rows`, `source_rows`) and the static-shape buckets
+  (`bucket`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,13 @@ from dllm_cache.models.config import ModelConfig
 
 class FeatureCache:
     """Per layer, for every position of the batch: K, V (after RoPE) and, for per-layer policies,
-    the attention and FFN sub-block outputs (what each adds to the residual stream)."""
+    the attention and FFN sub-block outputs (what each adds to the residual stream).
+
+    Each tensor has one extra row past the sequence, the scratch slot (index `seq_len`): padding
+    rows (`rows_from_mask`, a step's static-shape bucket) write there and nothing reads it. `k`, `v`,
+    `attn`, `ffn` are views of the real rows (what attention and the policies read); `write` takes
+    row indices that may name the scratch slot.
+    """
 
     def __init__(
         self,
@@ -37,16 +44,37 @@ class FeatureCache:
         device: torch.device,
         store_outputs: bool,
     ) -> None:
-        kv_shape = (batch, cfg.n_kv_heads, seq_len, cfg.head_dim)
-        self.k = [torch.zeros(kv_shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
-        self.v = [torch.zeros(kv_shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
-        out_shape = (batch, seq_len, cfg.d_model)
+        self.seq_len = seq_len
+        kv_shape = (batch, cfg.n_kv_heads, seq_len + 1, cfg.head_dim)
+        out_shape = (batch, seq_len + 1, cfg.d_model)
         n_out = cfg.n_layers if store_outputs else 0
-        self.attn = [torch.zeros(out_shape, dtype=dtype, device=device) for _ in range(n_out)]
-        self.ffn = [torch.zeros(out_shape, dtype=dtype, device=device) for _ in range(n_out)]
+        self.slots = {
+            "k": [torch.zeros(kv_shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)],
+            "v": [torch.zeros(kv_shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)],
+            "attn": [torch.zeros(out_shape, dtype=dtype, device=device) for _ in range(n_out)],
+            "ffn": [torch.zeros(out_shape, dtype=dtype, device=device) for _ in range(n_out)],
+        }
+        self.k = [t[:, :, :seq_len] for t in self.slots["k"]]
+        self.v = [t[:, :, :seq_len] for t in self.slots["v"]]
+        self.attn = [t[:, :seq_len] for t in self.slots["attn"]]
+        self.ffn = [t[:, :seq_len] for t in self.slots["ffn"]]
+
+    def write(self, name: str, layer: int, rows: Tensor | None, src: Tensor) -> None:
+        """Rows `rows` ([B, k], None = all real rows; index seq_len = the scratch slot) of `name`
+        (k, v, attn, ffn) at `layer` = src."""
+        dim = 2 if name in ("k", "v") else 1
+        if rows is None:
+            getattr(self, name)[layer].copy_(src)
+        else:
+            scatter_rows(self.slots[name][layer], rows, src, dim=dim)
+
+    def zero_(self) -> None:
+        for tensors in self.slots.values():
+            for t in tensors:
+                t.zero_()
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v, *self.attn, *self.ffn))
+        return sum(t.numel() * t.element_size() for ts in self.slots.values() for t in ts)
 
 
 @dataclass
@@ -164,9 +192,10 @@ def rows_from_mask(active: Tensor, k: int | None = None) -> Tensor:
     """[B, L] bool -> [B, k] sorted row indices; k = the largest count in the batch (a host read)
     unless given (it must be at least that count; `StepState.row_budget`).
 
-    Rows with fewer active positions repeat their own first active index: recomputing a row twice
-    writes the same values, so a row's result never depends on what else is in the batch. This is
-    also how a step is padded up to a static-shape bucket.
+    Rows with fewer active positions are padded with L, the scratch slot (`FeatureCache`): a padding
+    slot computes a copy of its batch row's first active row (`source_rows`) and writes into the
+    scratch slot, which nothing reads, so a row's result never depends on what else is in the batch
+    and no real row is written that was not chosen.
     """
     B, L = active.shape
     counts = active.sum(1)
@@ -175,10 +204,22 @@ def rows_from_mask(active: Tensor, k: int | None = None) -> Tensor:
     k = min(max(k, 1), L)
     idx = torch.arange(L, device=active.device).expand(B, L)
     # active positions first (in order), then the rest; take the first k
-    order = torch.where(active, idx, idx + L).sort(dim=1).values[:, :k] % L
-    first = order[:, :1]
-    slot = torch.arange(k, device=active.device).expand(B, k)
-    return torch.where(slot < counts[:, None], order, first).sort(dim=1).values
+    order = torch.where(active, idx, idx + L).sort(dim=1).values[:, :k]
+    return torch.where(order < L, order, L)
+
+
+def pad_rows(rows: Tensor, k: int, seq_len: int) -> Tensor:
+    """[B, r] -> [B, k] (k >= r): the extra slots name the scratch slot (index seq_len)."""
+    extra = k - rows.shape[1]
+    return rows if extra <= 0 else torch.cat([rows, rows.new_full((rows.shape[0], extra), seq_len)], dim=1)
+
+
+def source_rows(rows: Tensor, seq_len: int) -> Tensor:
+    """The row each slot computes from: itself, or for a scratch slot (index seq_len) its batch
+    row's first real row (rows are sorted, so the first; any real row if it has none): real inputs,
+    finite results, written where nothing reads them."""
+    first = rows[:, :1].clamp(max=seq_len - 1)
+    return torch.where(rows < seq_len, rows, first)
 
 
 def shifted_left(mask: Tensor) -> Tensor:

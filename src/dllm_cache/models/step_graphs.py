@@ -5,9 +5,9 @@ Python loop over layers. A CUDA graph records those launches once and replays th
 which needs every tensor the step touches at a fixed address with a fixed shape. `StepForward`
 supplies that around `Transformer.forward_active`:
 
-- the active rows are padded up to a bucket (`active.bucket`: 8, 12, 16, 24, 32, ...) by repeating
-  each batch row's first active index (recomputing a row twice writes the same values), so a
-  generation sees a handful of shapes, not one per step;
+- the active rows are padded up to a bucket (`active.bucket`: 8, 12, 16, 24, 32, ...) with the
+  feature cache's scratch slot (`active.pad_rows`: padding computes a copy of a real row and writes
+  where nothing reads), so a generation sees a handful of shapes, not one per step;
 - inputs are copied into static buffers (the sequence, the rows, the logit rows); the feature cache
   and the sequence layout already live for the whole generation;
 - per (bucket, logit shape, policy key) the forward is captured once and replayed (CUDA); the host
@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dllm_cache.models.active import CachePolicy, FeatureCache, ForwardStats, bucket
+from dllm_cache.models.active import CachePolicy, FeatureCache, ForwardStats, bucket, pad_rows
 from dllm_cache.models.transformer import SequenceLayout, Transformer
 
 MODES = ("eager", "static", "cuda-graph")
@@ -44,12 +44,6 @@ def step_mode(graphs: bool | str, device: torch.device) -> str:
     if graphs == "cuda-graph" and device.type != "cuda":
         raise ValueError(f"graphs='cuda-graph' needs a CUDA device, the model is on {device}")
     return str(graphs)
-
-
-def pad_rows(rows: Tensor, k: int) -> Tensor:
-    """[B, r] -> [B, k] (k >= r): the extra slots repeat each batch row's first index."""
-    extra = k - rows.shape[1]
-    return rows if extra <= 0 else torch.cat([rows, rows[:, :1].expand(-1, extra)], dim=1)
 
 
 @dataclasses.dataclass
@@ -89,7 +83,7 @@ class StepForward:
         if self.mode == "eager":
             return self._forward(x, rows, logit_rows)
         if rows is not None:
-            rows = pad_rows(rows, bucket(rows.shape[1], x.shape[1]))
+            rows = pad_rows(rows, bucket(rows.shape[1], x.shape[1]), x.shape[1])
         x, rows, logit_rows = self._static_inputs(x, rows, logit_rows)
         if self.mode == "static":
             return self._forward(x, rows, logit_rows)

@@ -22,7 +22,7 @@ from dllm_cache.models.active import (
     ForwardStats,
     LayerView,
     gather_rows,
-    scatter_rows,
+    source_rows,
 )
 from dllm_cache.models.config import ModelConfig
 
@@ -194,11 +194,14 @@ class Transformer(nn.Module):
         per_layer = policy is not None and policy.per_layer
         if per_layer:
             rows = None  # the full residual stream is carried; selection happens per layer
-        h = self.embed(gather_rows(input_ids, rows))
+        # rows may name the scratch slot (index L, padding): `src` is what each slot computes from,
+        # `rows` where it is written (the cache's scratch slot, never read).
+        src = None if rows is None else source_rows(rows, L)
+        h = self.embed(gather_rows(input_ids, src))
         n_rows = L if rows is None else rows.shape[1]
         # d2cache's attention rollout: probabilities of the active queries, layer by layer.
         observe = getattr(policy, "observe_attention", None) if not per_layer else None
-        cos, sin = gather_rows(layout.cos, rows), gather_rows(layout.sin, rows)
+        cos, sin = gather_rows(layout.cos, src), gather_rows(layout.sin, src)
         stats.forwards += 1
         for i, block in enumerate(self.blocks):
             active = rows
@@ -209,18 +212,18 @@ class Transformer(nn.Module):
             self._count(stats, B, k_active, L)
             if cache is None:  # no caching at all: the plain forward
                 q, k, v = block.qkv(h, cos, sin)
-                h = h + block.attend(q, k, v, layout.attn_mask(rows))
+                h = h + block.attend(q, k, v, layout.attn_mask(src))
                 h = h + block.ffn(h)
                 continue
             if not per_layer:
                 # One set for the whole network: h holds only the active rows; inactive rows are
                 # skipped entirely and only their cached K, V are read.
                 q, k, v = block.qkv(h, cos, sin)
-                scatter_rows(cache.k[i], rows, k, dim=2)
-                scatter_rows(cache.v[i], rows, v, dim=2)
-                mask = layout.attn_mask(rows)
-                if observe is not None:
-                    observe(i, rows, block.attention_probs(q, cache.k[i], mask))
+                cache.write("k", i, rows, k)
+                cache.write("v", i, rows, v)
+                mask = layout.attn_mask(src)
+                if observe is not None:  # a padding slot shows up as a repeat of a real row
+                    observe(i, src, block.attention_probs(q, cache.k[i], mask))
                 h = h + block.attend(q, cache.k[i], cache.v[i], mask)
                 h = h + block.ffn(h)
                 continue
@@ -229,19 +232,21 @@ class Transformer(nn.Module):
             if active is not None and active.shape[1] == 0:  # nothing to recompute at this layer
                 h = h + cache.attn[i] + cache.ffn[i]
                 continue
-            hA = gather_rows(h, active)
-            q, k, v = block.qkv(hA, gather_rows(cos, active), gather_rows(sin, active))
-            scatter_rows(cache.k[i], active, k, dim=2)
-            scatter_rows(cache.v[i], active, v, dim=2)
-            scatter_rows(
-                cache.attn[i], active, block.attend(q, cache.k[i], cache.v[i], layout.attn_mask(active))
+            active_src = None if active is None else source_rows(active, L)
+            hA = gather_rows(h, active_src)
+            q, k, v = block.qkv(hA, gather_rows(cos, active_src), gather_rows(sin, active_src))
+            cache.write("k", i, active, k)
+            cache.write("v", i, active, v)
+            cache.write(
+                "attn", i, active, block.attend(q, cache.k[i], cache.v[i], layout.attn_mask(active_src))
             )
             h = h + cache.attn[i]
-            scatter_rows(cache.ffn[i], active, block.ffn(gather_rows(h, active)))
+            cache.write("ffn", i, active, block.ffn(gather_rows(h, active_src)))
             h = h + cache.ffn[i]
         if rows is not None:
-            # logit_rows are sequence positions; map them to their place among the active rows.
-            where = torch.full((B, L), -1, dtype=torch.long, device=h.device)
+            # logit_rows are sequence positions; map them to their place among the active rows
+            # (column L: the scratch slot's, never asked for).
+            where = torch.full((B, L + 1), -1, dtype=torch.long, device=h.device)
             where.scatter_(1, rows, torch.arange(rows.shape[1], device=h.device).expand(B, -1))
             logit_rows = where.gather(1, logit_rows)
         # Rows the policy skipped have no features: their logits are NaN (the decoder may only
