@@ -93,9 +93,9 @@ def test_dkv_prefill_computes_the_prompt_once(llada):
     assert out.stats.position_layers == (L + 15 * 16) * layers * B
 
 
-def test_rows_from_mask_pads_with_own_rows():
+def test_rows_from_mask_pads_with_the_scratch_slot():
     m = torch.tensor([[0, 1, 0, 1, 1], [0, 0, 1, 0, 0], [0, 0, 0, 0, 0]], dtype=torch.bool)
-    assert rows_from_mask(m).tolist() == [[1, 3, 4], [2, 2, 2], [0, 0, 0]]
+    assert rows_from_mask(m).tolist() == [[1, 3, 4], [2, 5, 5], [5, 5, 5]]  # 5: the scratch slot
 
 
 def test_threshold_above_one_commits_one_token_per_step(llada, dream):

@@ -156,3 +156,35 @@ def test_padding_writes_only_the_scratch_slot(fixture, request):
         untouched = ~chosen
         assert torch.equal(new[:, :, :L].transpose(1, 2)[untouched], old[:, :, :L].transpose(1, 2)[untouched])
         assert not torch.equal(new_padded[:, :, L], old[:, :, L])  # the padding went to the scratch slot
+
+
+@pytest.mark.parametrize("name", ["dllm-cache", "dkv", "d2cache"])
+def test_buffers_are_reused_across_generations(llada, name):
+    """A second generate() with the same policy settings and shapes takes the first one's buffers
+    (and, on CUDA, its graphs): new prompts in old buffers still give the eager tokens."""
+    from dllm_cache.models import step_graphs
+
+    llada.model.__dict__.pop("_step_forwards", None)
+    kw = dict(KW, decoder=POLICIES[name][1], threshold=0.3)
+    others = [[9, 8, 7, 6, 5, 4, 3], [11, 12, 13], [200, 201]]  # the same padded length
+    for prompts in (PROMPTS, others):
+        static = generate(llada, prompts, cache=_policy(name), graphs="static", **kw)
+        eager = generate(llada, prompts, cache=_policy(name), graphs=False, **kw)
+        assert torch.equal(static.sequences, eager.sequences)
+    (forward,) = step_graphs._pool(llada.model).values()
+    assert forward.generations == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_cuda_graphs_are_captured_once_across_generations(llada_dir):
+    from dllm_cache.models import step_graphs
+    from dllm_cache.models.loading import DLLM, load_model
+
+    llm = DLLM(load_model(llada_dir, device=torch.device("cuda")), None, llada_dir)
+    generate(llm, PROMPTS, cache=_policy("dkv"), graphs="cuda-graph", **KW)
+    (forward,) = step_graphs._pool(llm.model).values()
+    captured = len(forward.graphs)
+    again = generate(llm, PROMPTS, cache=_policy("dkv"), graphs="cuda-graph", **KW)
+    assert len(forward.graphs) == captured and forward.generations == 2
+    eager = generate(llm, PROMPTS, cache=_policy("dkv"), graphs=False, **KW)
+    assert torch.equal(again.sequences, eager.sequences)

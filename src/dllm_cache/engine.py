@@ -22,6 +22,7 @@ from dllm_cache.decoding.certainty import CertaintyPriorDecoder
 from dllm_cache.decoding.guided import GenerationContext, GuidedDecoder
 from dllm_cache.decoding.parallel import EarlyCommit, FactorDecoder, ThresholdDecoder
 from dllm_cache.errors import GenerationError
+from dllm_cache.models import step_graphs
 from dllm_cache.models.active import CachePolicy, FeatureCache, ForwardStats, StepState, column_range
 from dllm_cache.models.loading import DLLM, load
 from dllm_cache.models.step_graphs import StepForward, step_mode
@@ -255,29 +256,79 @@ def generate(
         attn = torch.cat([attn, attn])
     layout = model.layout(attn)
     rows_total = attn.shape[0]
-    feature_cache = (
-        FeatureCache(cfg, rows_total, L, model.dtype, device, store_outputs=policy.per_layer)
-        if policy.uses_cache
-        else None
-    )
-    end_ids = torch.tensor(llm.end_token_ids or [cfg.eos_token_id], device=device)
-    generator = torch.Generator(device=device).manual_seed(config.seed)
-    shift = 1 if cfg.shift_logits else 0
-    fstats = ForwardStats()
-    records: list[StepRecord] | None = [] if config.record_steps else None
-    just_committed = torch.zeros((rows_total, L), dtype=torch.bool, device=device)
-    steps_per_block = steps // n_blocks
     context = GenerationContext(llm, _as_list(prompts), config.chat, x, P)
     if hasattr(inner, "begin_generation"):
         inner.begin_generation(context)
-    observe_confidence = getattr(policy, "observe_confidence", None)
-    row_bound = getattr(policy, "row_bound", None)
-    dynamic = getattr(decoder, "dynamic", False)
     try:
         mode = step_mode(config.graphs, device)
     except ValueError as e:
         raise GenerationError(str(e)) from None
-    forward = StepForward(model, layout, feature_cache, policy, fstats, mode)
+
+    def make_cache() -> FeatureCache | None:
+        if not policy.uses_cache:
+            return None
+        return FeatureCache(cfg, rows_total, L, model.dtype, device, store_outputs=policy.per_layer)
+
+    # static / graphed: the buffers and graphs of an earlier generation with this key, if any
+    forward = step_graphs.acquire(model, layout, make_cache, policy, ForwardStats(), mode, P)
+    try:
+        return _denoise(
+            llm,
+            config,
+            policy,
+            decoder,
+            inner,
+            forward,
+            context,
+            x,
+            attn,
+            ids,
+            P,
+            steps,
+            block_len,
+            n_blocks,
+            use_cfg,
+            progress,
+            on_step,
+        )
+    finally:
+        step_graphs.release(forward)
+
+
+def _denoise(
+    llm: DLLM,
+    config: GenerationConfig,
+    policy: CachePolicy,
+    decoder: Decoder,
+    inner: Any,
+    forward: StepForward,
+    context: GenerationContext,
+    x: Tensor,
+    attn: Tensor,
+    ids: list[list[int]],
+    P: int,
+    steps: int,
+    block_len: int,
+    n_blocks: int,
+    use_cfg: bool,
+    progress: Callable[[int, int], None] | None,
+    on_step: Callable[[StepEvent], None] | None,
+) -> GenerationResult:
+    """The denoising loop of `generate` (every block, every step) and the result."""
+    model, cfg = llm.model, llm.config
+    device = model.device
+    mask_id, B, L = cfg.mask_token_id, len(ids), x.shape[1]
+    rows_total = attn.shape[0]
+    feature_cache, fstats = forward.cache, forward.stats
+    end_ids = torch.tensor(llm.end_token_ids or [cfg.eos_token_id], device=device)
+    generator = torch.Generator(device=device).manual_seed(config.seed)
+    shift = 1 if cfg.shift_logits else 0
+    records: list[StepRecord] | None = [] if config.record_steps else None
+    just_committed = torch.zeros((rows_total, L), dtype=torch.bool, device=device)
+    steps_per_block = steps // n_blocks
+    observe_confidence = getattr(policy, "observe_confidence", None)
+    row_bound = getattr(policy, "row_bound", None)
+    dynamic = getattr(decoder, "dynamic", False)
     n = 0
     row_steps = torch.zeros(B, dtype=torch.long, device=device)  # steps each row still needed
     x_in = _model_input(x, attn, P, mask_id, use_cfg)

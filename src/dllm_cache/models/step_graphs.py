@@ -16,12 +16,21 @@ supplies that around `Transformer.forward_active`:
 
 Modes: "eager" (the reference: forward_active as called), "static" (buckets and buffers, run eagerly:
 what a graph replays, runnable anywhere; tests compare it with eager), "cuda-graph".
+
+Reuse across generations (`acquire` / `release`): the buffers and graphs of a static or graphed
+StepForward stay with the model, keyed by the policy's settings, the batch and sequence shape and
+the prompt length; the next generate() with the same key takes them (the new layout is copied into
+the old buffers, the feature cache zeroed), so a server capturing once per (policy, bucket, batch)
+replays from then on. At most POOL_SIZE are kept per model (least recently used first out); one in
+use is not shared (a concurrent generation with the same key builds its own).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import warnings
+from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -31,6 +40,7 @@ from dllm_cache.models.active import CachePolicy, FeatureCache, ForwardStats, bu
 from dllm_cache.models.transformer import SequenceLayout, Transformer
 
 MODES = ("eager", "static", "cuda-graph")
+POOL_SIZE = 4  # StepForwards (buffers, feature cache, graphs) kept per model for later generations
 
 
 def step_mode(graphs: bool | str, device: torch.device) -> str:
@@ -78,6 +88,8 @@ class StepForward:
         self.graphs: dict[tuple, _Captured | None] = {}  # None: capture failed, run eagerly
         self.pool: Any = None
         self.replays = 0
+        self.generations = 1  # generate() calls served (reuse across calls: `acquire`)
+        self.pool_key: tuple | None = None
 
     def __call__(self, x: Tensor, rows: Tensor | None, logit_rows: Tensor) -> Tensor:
         if self.mode == "eager":
@@ -159,6 +171,60 @@ class StepForward:
                 del self.policy.observe_attention  # type: ignore[union-attr]
             _restore(self.stats, after)  # the capture computed nothing: its counts do not count
         return logits
+
+
+def _pool(model: Transformer) -> OrderedDict[tuple, StepForward]:
+    pool = getattr(model, "_step_forwards", None)
+    if pool is None:
+        pool = OrderedDict()
+        model._step_forwards = pool  # plain attribute: not a parameter, not saved with the weights
+    return pool
+
+
+def acquire(
+    model: Transformer,
+    layout: SequenceLayout,
+    make_cache: Callable[[], FeatureCache | None],
+    policy: CachePolicy,
+    stats: ForwardStats,
+    mode: str,
+    prompt_length: int,
+) -> StepForward:
+    """The StepForward for one generation: eager, a fresh one; otherwise the model's pooled one for
+    this (policy settings, batch x length, prompt length) if there is one free (its layout buffers
+    take this layout, its cache is zeroed, its graphs replay), else a new one. `release` it after."""
+    if mode == "eager":
+        return StepForward(model, layout, make_cache(), policy, stats, mode)
+    describe = getattr(policy, "describe", None)
+    settings = repr(sorted(describe().items())) if describe is not None else policy.name
+    key = (mode, type(policy).__name__, settings, tuple(layout.key_mask.shape), prompt_length)
+    forward = _pool(model).pop(key, None)
+    if forward is None:
+        forward = StepForward(model, layout, make_cache(), policy, stats, mode)
+        forward.pool_key = key
+        return forward
+    for old, new in zip(
+        (forward.layout.key_mask, forward.layout.cos, forward.layout.sin),
+        (layout.key_mask, layout.cos, layout.sin),
+        strict=True,
+    ):
+        old.copy_(new)
+    if forward.cache is not None:
+        forward.cache.zero_()
+    forward.policy, forward.stats = policy, stats
+    forward.generations += 1
+    return forward
+
+
+def release(forward: StepForward) -> None:
+    """Back to the model's pool (static and graphed modes): the next generation with its key reuses it."""
+    if forward.pool_key is None:
+        return
+    pool = _pool(forward.model)
+    pool[forward.pool_key] = forward
+    pool.move_to_end(forward.pool_key)
+    while len(pool) > POOL_SIZE:
+        pool.popitem(last=False)
 
 
 def _difference(now: ForwardStats, before: ForwardStats) -> ForwardStats:
