@@ -136,6 +136,12 @@ def generate(
     no_graphs: Annotated[
         bool, typer.Option("--no-graphs", help="run every denoising forward eagerly (no CUDA graphs)")
     ] = False,
+    compile: Annotated[
+        bool,
+        typer.Option(
+            "--compile", help="torch.compile RMSNorm, RoPE and SwiGLU (fused kernels; first use compiles)"
+        ),
+    ] = False,
     trace: Annotated[
         Path | None,
         typer.Option(
@@ -199,6 +205,7 @@ def generate(
                 seed=seed,
                 chat=not no_chat,
                 graphs=not no_graphs,
+                compile=compile,
                 **overrides,
             )
     if trace is not None:

@@ -61,6 +61,9 @@ class GenerationConfig:
     # once per shape) and runs it eagerly elsewhere; False/"off" always eagerly (the reference, what
     # --no-graphs gives); "static" the static shapes and buffers without capture (models/step_graphs.py).
     graphs: bool | str = True
+    # torch.compile the per-layer pointwise parts (RMSNorm, RoPE, SwiGLU) into fused kernels; off by
+    # default (a compile per shape family on first use; eager stays the reference).
+    compile: bool = False
 
 
 @dataclass
@@ -271,6 +274,7 @@ def generate(
 
     # static / graphed: the buffers and graphs of an earlier generation with this key, if any
     forward = step_graphs.acquire(model, layout, make_cache, policy, ForwardStats(), mode, P)
+    compiled_before = model.compile_pointwise(config.compile)
     try:
         return _denoise(
             llm,
@@ -292,6 +296,7 @@ def generate(
             on_step,
         )
     finally:
+        model.compile_pointwise(compiled_before)
         step_graphs.release(forward)
 
 

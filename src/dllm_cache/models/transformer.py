@@ -10,6 +10,8 @@ FFN outputs) held in a `FeatureCache`. Queries of A attend to the *full* cached 
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -29,17 +31,59 @@ from dllm_cache.models.config import ModelConfig
 __all__ = ["Block", "ForwardStats", "ModelConfig", "RMSNorm", "SequenceLayout", "Transformer", "gather_rows"]
 
 
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    # Normalise in fp32 (both reference implementations do), scale in the model dtype.
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def swiglu(gate: Tensor, up: Tensor) -> Tensor:
+    return F.silu(gate) * up
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    # RoPE in fp32 (LLaDA's rope_full_precision); cos/sin [B, k, hd] broadcast over heads.
+    xf = x.float()
+    out = xf * cos[:, None] + rotate_half(xf) * sin[:, None]
+    return out.to(x.dtype)
+
+
+@dataclass(frozen=True)
+class Pointwise:
+    """The per-layer pointwise parts between the matmuls: eager, or each fused into one kernel by
+    torch.compile (`Transformer.compile_pointwise`). The residual adds stay eager: one kernel each
+    already, and fusing them into the next RMSNorm would make a block hand the sum and the norm
+    around together."""
+
+    rms_norm: Callable[[Tensor, Tensor, float], Tensor] = rms_norm
+    rope: Callable[[Tensor, Tensor, Tensor], Tensor] = apply_rope
+    swiglu: Callable[[Tensor, Tensor], Tensor] = swiglu
+
+
+EAGER = Pointwise()
+
+
+@functools.cache
+def compiled_pointwise() -> Pointwise:
+    """torch.compile of each pointwise part (dynamic shapes: one compile serves every row count)."""
+    return Pointwise(*(torch.compile(f, dynamic=True) for f in (rms_norm, apply_rope, swiglu)))
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.ops = EAGER
 
     def forward(self, x: Tensor) -> Tensor:
-        # Normalise in fp32 (both reference implementations do), scale in the model dtype.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return self.ops.rms_norm(x, self.weight, self.eps)
 
 
 class Block(nn.Module):
@@ -56,6 +100,7 @@ class Block(nn.Module):
         self.up_proj = nn.Linear(d, cfg.d_ff, bias=False)
         self.down_proj = nn.Linear(cfg.d_ff, d, bias=False)
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.ops = EAGER
 
     def values(self, h: Tensor) -> Tensor:
         """V of rows h [B, k, d] -> [B, Hkv, k, hd] (what dLLM-Cache compares across steps)."""
@@ -70,7 +115,7 @@ class Block(nn.Module):
         q = self.q_proj(n).view(B, k, self.n_heads, self.head_dim).transpose(1, 2)
         kk = self.k_proj(n).view(B, k, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(n).view(B, k, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        return apply_rope(q, cos, sin), apply_rope(kk, cos, sin), v
+        return self.ops.rope(q, cos, sin), self.ops.rope(kk, cos, sin), v
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
         """Queries [B, H, k, hd] over keys/values [B, Hkv, L, hd]; mask broadcastable to [B, H, k, L]."""
@@ -90,19 +135,7 @@ class Block(nn.Module):
 
     def ffn(self, h: Tensor) -> Tensor:
         m = self.ffn_norm(h)
-        return self.down_proj(F.silu(self.gate_proj(m)) * self.up_proj(m))
-
-
-def rotate_half(x: Tensor) -> Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    # RoPE in fp32 (LLaDA's rope_full_precision); cos/sin [B, k, hd] broadcast over heads.
-    xf = x.float()
-    out = xf * cos[:, None] + rotate_half(xf) * sin[:, None]
-    return out.to(x.dtype)
+        return self.down_proj(self.ops.swiglu(self.gate_proj(m), self.up_proj(m)))
 
 
 @dataclass
@@ -139,6 +172,16 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+
+    def compile_pointwise(self, compiled: bool) -> bool:
+        """Run RMSNorm, RoPE and SwiGLU eagerly or torch.compiled (GenerationConfig.compile);
+        returns the previous setting."""
+        before = self.final_norm.ops is not EAGER
+        ops = compiled_pointwise() if compiled else EAGER
+        for module in self.modules():
+            if isinstance(module, RMSNorm | Block):
+                module.ops = ops
+        return before
 
     @property
     def device(self) -> torch.device:

@@ -122,7 +122,8 @@ _SET_BY_REQUEST = {
     "top_p": "top_p",
     "seed": "seed",
 }
-_SERVER_ONLY = {"chat", "record_steps", "graphs"}  # graphs: capture memory is the server's call
+# graphs, compile: capture memory and compile time are the server's call
+_SERVER_ONLY = {"chat", "record_steps", "graphs", "compile"}
 _CONFIG_TYPES = typing.get_type_hints(GenerationConfig)
 
 
