@@ -200,9 +200,9 @@ def _can_compile() -> bool:
 def test_compiled_pointwise_gives_the_eager_tokens(llada):
     """--compile (RMSNorm, RoPE, SwiGLU fused by torch.compile) gives eager's tokens; the model is
     back to eager afterwards. (Compiling the three parts takes ~30-50 s on 2 CPU cores.)"""
-    from dllm_cache.models.transformer import EAGER
-
     from torch._dynamo.utils import counters
+
+    from dllm_cache.models.transformer import EAGER
 
     kw = dict(KW, decoder="threshold", threshold=0.3)
     eager = generate(llada, PROMPTS, cache=_policy("dual"), graphs=False, **kw)

@@ -143,3 +143,26 @@ def test_the_counter_sees_a_host_read(llada, monkeypatch):
     policy.begin_step = reading_begin_step
     steps = host_reads_per_step(monkeypatch, llada, policy, **KW)
     assert all(reads == ["__int__", "tolist"] for reads in steps), steps
+
+
+def test_guided_decoding_reads_once_per_step_and_chunk(monkeypatch):
+    """Guided decoding: the AR verifier's forward has a static row count after the prompt's (one
+    count read at the first step), and the host is read again only to decide whether a further
+    32-token chunk is verified (never when the span fits one chunk)."""
+    from dllm_cache.decoding.guided import GuidedDecoder
+    from dllm_cache.models.loading import load
+
+    dream, guide = load("tiny-dream", dtype="float32"), load("tiny-ar", dtype="float32")
+
+    def never_agreeing() -> GuidedDecoder:  # one token per step: many steps
+        return GuidedDecoder(guide, agreement=lambda probs, draft: torch.zeros_like(draft, dtype=torch.bool))
+
+    kw = dict(gen_length=32, block_length=32, early_stop=False)
+    steps = host_reads_per_step(monkeypatch, dream, "none", decoder=never_agreeing(), **kw)
+    assert len(steps) == 32
+    assert steps[0] == ["__int__", "tolist"]  # the prompt's rows, counted once
+    assert all(reads == ["tolist"] for reads in steps[1:]), steps
+    # a span of two chunks: at most one more read per step (is a second chunk needed?)
+    kw = dict(gen_length=64, block_length=64, early_stop=False)
+    steps = host_reads_per_step(monkeypatch, dream, "none", decoder=never_agreeing(), **kw)
+    assert all(reads in (["tolist"], ["__bool__", "tolist"]) for reads in steps[1:]), steps

@@ -143,7 +143,9 @@ def default_decoder(llm: DLLM, config: GenerationConfig) -> Decoder:
                 "decoder 'guided' needs a guide model (--guide-model tiny-ar or a Qwen2 directory)"
             )
         guide = load_guide(config.guide_model, llm.model.device, llm.model.dtype)
-        decoder = GuidedDecoder(guide, config.agreement, config.agreement_top_k, config.agreement_ratio)
+        decoder = GuidedDecoder(
+            guide, config.agreement, config.agreement_top_k, config.agreement_ratio, graphs=config.graphs
+        )
     elif config.decoder != "reference":
         raise GenerationError(f"unknown decoder {config.decoder!r} (choose {', '.join(DECODERS)})")
     elif llm.config.shift_logits:
@@ -298,6 +300,8 @@ def generate(
     finally:
         model.compile_pointwise(compiled_before)
         step_graphs.release(forward)
+        if hasattr(inner, "end_generation"):
+            inner.end_generation()
 
 
 def _denoise(

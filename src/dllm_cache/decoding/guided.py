@@ -37,8 +37,10 @@ from torch import Tensor
 
 from dllm_cache.decoding.base import Commit, computed
 from dllm_cache.errors import GenerationError
+from dllm_cache.models import step_graphs
 from dllm_cache.models.active import FeatureCache, ForwardStats, rows_from_mask
 from dllm_cache.models.loading import DLLM
+from dllm_cache.models.step_graphs import StepForward, step_mode
 from dllm_cache.models.tokenizer import END_OF_TURN_TOKENS, encode_prompt
 
 # (AR probabilities [B, N, V], draft ids in the AR vocabulary [B, N]) -> agree [B, N] bool
@@ -130,6 +132,7 @@ class GuidedDecoder:
         top_k: int = 5,
         ratio: float = 0.95,
         chunk: int = 32,
+        graphs: bool | str = True,
     ) -> None:
         if not guide.config.causal:
             raise GenerationError(
@@ -152,8 +155,13 @@ class GuidedDecoder:
             else:
                 agreement = AGREEMENTS[agreement]
         self.guide, self.agreement, self.chunk = guide, agreement, chunk
+        try:  # the AR forward: static shapes, replayed as CUDA graphs on CUDA (as the dLLM's step)
+            self.mode = step_mode(graphs, guide.model.device)
+        except ValueError as e:
+            raise GenerationError(str(e)) from None
         self.stats = ForwardStats()  # the AR model's forwards, counted apart from the dLLM's
-        self.row_forwards: list[int] = []  # per prompt: AR forwards that verified its drafts
+        self._row_forwards: Tensor | None = None  # per prompt: AR forwards that verified its drafts
+        self.forward: StepForward | None = None
         self.ctx: GenerationContext | None = None
         self.vocab: VocabularyMap | None = None
         self._vocab_of: Any = None
@@ -190,12 +198,33 @@ class GuidedDecoder:
         for b, p in enumerate(ids):
             self.ar_x[b, Pa - len(p) : Pa] = torch.tensor(p, device=device)
             attn[b, Pa - len(p) :] = True
-        self.layout = model.layout(attn)
-        self.cache = FeatureCache(model.config, B, Pa + G, model.dtype, device, store_outputs=False)
-        self.cached_upto = torch.zeros(B, dtype=torch.long, device=device)  # AR rows with final K/V
-        self.Pa, self.ctx = Pa, ctx
         self.stats = ForwardStats()
-        self.row_forwards = [0] * B
+        self.forward = step_graphs.acquire(
+            model,
+            model.layout(attn),
+            lambda: FeatureCache(model.config, B, Pa + G, model.dtype, device, store_outputs=False),
+            None,
+            self.stats,
+            self.mode,
+            Pa,
+        )
+        self.layout, self.cache = self.forward.layout, self.forward.cache
+        self.cached_upto = torch.zeros(B, dtype=torch.long, device=device)  # AR rows with final K/V
+        self.prefilled = False  # host-known: has an AR forward computed the prompt's rows yet?
+        self.Pa, self.ctx = Pa, ctx
+        self._row_forwards = torch.zeros(B, dtype=torch.long, device=device)
+        self.to_guide = self.vocab.to_guide.to(device)  # moved once, not at every step
+        self.to_model = self.vocab.to_model.to(device)
+
+    def end_generation(self) -> None:
+        """The AR step buffers (and graphs) go back to the guide model's pool."""
+        if self.forward is not None:
+            step_graphs.release(self.forward)
+
+    @property
+    def row_forwards(self) -> list[int]:
+        """Per prompt: AR forwards that verified its drafts (read at the end of a generation)."""
+        return [] if self._row_forwards is None else self._row_forwards.tolist()
 
     def start_block(self, masked: Tensor, steps: int) -> None:
         pass
@@ -211,28 +240,32 @@ class GuidedDecoder:
         probs = logits.to(torch.float64).softmax(-1)
         draft_out = logits.nan_to_num(float("-inf")).argmax(-1)
         conf = probs.gather(-1, draft_out[..., None]).squeeze(-1)
-        # Everything below lives on the guide's device (moved once; usually the same device).
+        # Everything below lives on the guide's device (moved once; usually the same device) and
+        # is tensor operations: the host is read only to decide whether another chunk is verified.
         ready = (masked & computed(logits)).to(device)
         masked, draft = masked.to(device), draft_out.to(device)
         # The AR sequence mirrors the dLLM's answer: committed tokens, then the draft.
         answer = ctx.x[:, P:].to(device).clone()
-        span = answer[:, off : off + N]
-        span[masked] = draft[masked]
-        mapped = vocab.guide_ids(answer.clamp(min=0))
+        answer[:, off : off + N] = torch.where(masked, draft, answer[:, off : off + N])
+        mapped = self.to_guide[answer.clamp(min=0)]
         self.ar_x[:, Pa:] = torch.where(mapped >= 0, mapped, torch.full_like(mapped, vocab.guide_pad))
-        draft_guide = vocab.guide_ids(draft)
+        draft_guide = self.to_guide[draft]
         has_mask = masked.any(1)
         first = torch.where(has_mask, masked.long().argmax(1), torch.full_like(has_mask, N, dtype=torch.long))
         stop = torch.full((B,), N, dtype=torch.long, device=device)  # first disagreement (N: none)
-        ar_top = torch.full((B, N), -1, dtype=torch.long, device=device)  # AR argmax, dLLM ids
+        ar_top = torch.full((B, N + 1), -1, dtype=torch.long, device=device)  # AR argmax, dLLM ids; N: dump
         base = Pa + off  # the AR row holding span position 0; row base + j - 1 predicts position j
         cols = torch.arange(self.ar_x.shape[1], device=device)
-        batch_idx = torch.arange(B, device=device)[:, None].expand(B, self.chunk)
-        going, c = has_mask.clone(), 0
-        while True:
+        # Rows an AR forward computes: after the first forward of a generation (the prompt), a
+        # chunk's rows are at most `chunk` (what precedes a row's first masked position is cached:
+        # the previous step committed up to its first disagreement and cached the rows before it),
+        # so the shape is host-known and static; the first one counts its rows (one host read).
+        n_rows = min(self.chunk, self.ar_x.shape[1]) if self.prefilled else None
+        going = has_mask.clone()  # the engine steps only while some row has masks: chunk 0 runs
+        for c in range(-(-N // self.chunk)):
             lo = first + c * self.chunk  # this chunk's span positions: [lo, hi)
             going &= lo < N
-            if not bool(going.any()):
+            if c > 0 and not bool(going.any()):  # a host read only when a further chunk may run
                 break
             hi = torch.clamp(lo + self.chunk, max=N)
             start = base + lo - 1
@@ -242,19 +275,15 @@ class GuidedDecoder:
             pos = lo[:, None] + torch.arange(self.chunk, device=device)
             valid = (pos < hi[:, None]) & going[:, None]
             pos = pos.clamp(max=N - 1)
-            ar_logits = self.guide.model.forward_active(
-                self.ar_x,
-                self.layout,
-                self.cache,
-                None,
-                rows_from_mask(active & going[:, None]),
-                base + pos - 1,
-                self.stats,
+            assert self.forward is not None
+            ar_logits = self.forward(
+                self.ar_x, rows_from_mask(active & going[:, None], n_rows), base + pos - 1
             )
-            for b in going.nonzero().flatten().tolist():
-                self.row_forwards[b] += 1
+            self.prefilled, n_rows = True, min(self.chunk, self.ar_x.shape[1])
+            self._row_forwards += going
             ar_probs = ar_logits.to(torch.float64).softmax(-1).nan_to_num(0.0)
-            ar_top[batch_idx[valid], pos[valid]] = vocab.model_ids(ar_probs.argmax(-1))[valid]
+            # each valid position's AR token (invalid slots write the dump column N)
+            ar_top.scatter_(1, torch.where(valid, pos, N), self.to_model[ar_probs.argmax(-1)])
             d = draft_guide.gather(1, pos)
             agree = self.agreement(ar_probs, d) & (d >= 0)
             # committed positions pass; a masked position without a draft (uncomputed) disagrees
@@ -263,16 +292,13 @@ class GuidedDecoder:
             failed = fail.any(1)
             stop = torch.where(failed, lo + fail.long().argmax(1), stop)
             going &= ~failed
-            c += 1
         idx = torch.arange(N, device=device)
-        commit = masked & (idx[None, :] < stop[:, None])
         disagree = stop < N
-        rows_b, at = batch_idx[:, 0][disagree], stop[disagree]
-        ar_token = ar_top[rows_b, at]
+        at_stop = (idx[None, :] == stop[:, None]) & disagree[:, None]
+        ar_token = ar_top.gather(1, stop[:, None])  # [B, 1]
         # the AR token at the first disagreement (the draft if the AR token has no dLLM id)
-        tokens = draft.clone()
-        tokens[rows_b, at] = torch.where(ar_token >= 0, ar_token, tokens[rows_b, at])
-        commit[rows_b, at] = masked[rows_b, at]
+        tokens = torch.where(at_stop & (ar_token >= 0), ar_token, draft)
+        commit = masked & ((idx[None, :] < stop[:, None]) | at_stop)
         # AR rows whose tokens are final now: every row before the first position not accepted
         # (all accepted: the last answer row, whose K/V no forward has computed yet, is not)
         upto = torch.where(disagree, base + stop, torch.full_like(stop, base + N - 1))

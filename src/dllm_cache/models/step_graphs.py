@@ -185,7 +185,7 @@ def acquire(
     model: Transformer,
     layout: SequenceLayout,
     make_cache: Callable[[], FeatureCache | None],
-    policy: CachePolicy,
+    policy: CachePolicy | None,
     stats: ForwardStats,
     mode: str,
     prompt_length: int,
@@ -196,7 +196,10 @@ def acquire(
     if mode == "eager":
         return StepForward(model, layout, make_cache(), policy, stats, mode)
     describe = getattr(policy, "describe", None)
-    settings = repr(sorted(describe().items())) if describe is not None else policy.name
+    if describe is not None:
+        settings = repr(sorted(describe().items()))
+    else:  # no policy (the guide's AR forward) or one without settings
+        settings = getattr(policy, "name", "")
     key = (mode, type(policy).__name__, settings, tuple(layout.key_mask.shape), prompt_length)
     forward = _pool(model).pop(key, None)
     if forward is None:
