@@ -158,3 +158,24 @@ def test_uncached_stats(llada):
     assert s.nfe == 16 and s.recompute_fraction == 1.0 and s.cache_bytes == 0
     assert s.flops > 0 and s.wall_time_s > 0 and s.peak_memory_bytes > 0
     assert s.generated_tokens == sum(1 for row in out.sequences[:, -16:].tolist() for t in row if t != 0)
+
+
+def test_dream_alg_temp_samples_k_positions_by_weight():
+    """alg_temp near 0 commits the top-k by confidence (the greedy rule); a large one samples k
+    positions almost uniformly (different seeds, different positions; always k of them)."""
+    from dllm_cache.decoding.dream import DreamDecoder
+
+    logits = torch.randn(2, 10, 50, generator=torch.Generator().manual_seed(0)) * 3
+    masked = torch.ones(2, 10, dtype=torch.bool)
+    masked[1, :4] = False
+
+    def commit(alg_temp, seed):
+        d = DreamDecoder("entropy", alg_temp=alg_temp)
+        d.start_block(masked, 2)
+        return d.step(logits, masked, 0, torch.Generator().manual_seed(seed)).positions
+
+    greedy = commit(None, 0)
+    assert torch.equal(commit(1e-4, 0), greedy) and torch.equal(commit(1e-4, 1), greedy)
+    samples = [commit(100.0, seed) for seed in range(8)]
+    assert all(torch.equal(s.sum(1), greedy.sum(1)) and not (s & ~masked).any() for s in samples)
+    assert len({tuple(s.flatten().tolist()) for s in samples}) > 1

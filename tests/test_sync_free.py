@@ -166,3 +166,36 @@ def test_guided_decoding_reads_once_per_step_and_chunk(monkeypatch):
     kw = dict(gen_length=64, block_length=64, early_stop=False)
     steps = host_reads_per_step(monkeypatch, dream, "none", decoder=never_agreeing(), **kw)
     assert all(reads in (["tolist"], ["__bool__", "tolist"]) for reads in steps[1:]), steps
+
+
+def test_dream_alg_temp_reads_once(dream, monkeypatch):
+    """Sampling which positions to commit (alg_temp) draws for every row at once, on the device."""
+    steps = host_reads_per_step(monkeypatch, dream, "dual", alg="entropy", alg_temp=0.5, **KW)
+    assert all(reads == ["tolist"] for reads in steps), steps
+
+
+def test_streaming_and_step_records_read_once(llada, monkeypatch):
+    """on_step gets the canvas on the host from the step's one read (what the server streams), and
+    record_steps keeps its records on the device until the generation ends."""
+    canvases: list[list[list[int]]] = []
+    log: list[str] = []
+    steps: list[list[str]] = []
+    policy = make_policy("dual")
+    begin = policy.begin_step
+
+    def begin_step(state):
+        log[:] = log or ["on"]
+        return begin(state)
+
+    def on_step(event):
+        steps.append(log[1:])
+        log[:] = ["on"]
+        canvases.append(event.tokens)
+
+    policy.begin_step = begin_step
+    with counting_host_reads(monkeypatch, log):
+        out = generate(llada, PROMPTS, cache=policy, on_step=on_step, record_steps=True, **KW)
+    log.clear()
+    assert all(reads == ["tolist"] for reads in steps), steps
+    assert canvases[-1] == out.sequences[:, -16:].tolist()
+    assert len(out.step_records) == len(canvases) and out.step_records[0].positions

@@ -108,6 +108,9 @@ class StepEvent:
     canvas: Tensor  # [B, G] answer tokens, mask id where not yet committed (a live view: copy to keep)
     mask_id: int
     block_done: bool  # every row's current block is fully committed
+    # the canvas on the host ([B][G] ids), read with the step's one host read: use it, not
+    # canvas.tolist() (a second read per step)
+    tokens: list[list[int]] = field(default_factory=list)
 
 
 @dataclass
@@ -327,12 +330,14 @@ def _denoise(
     model, cfg = llm.model, llm.config
     device = model.device
     mask_id, B, L = cfg.mask_token_id, len(ids), x.shape[1]
+    G = L - P
     rows_total = attn.shape[0]
     feature_cache, fstats = forward.cache, forward.stats
     end_ids = torch.tensor(llm.end_token_ids or [cfg.eos_token_id], device=device)
     generator = torch.Generator(device=device).manual_seed(config.seed)
     shift = 1 if cfg.shift_logits else 0
-    records: list[StepRecord] | None = [] if config.record_steps else None
+    # record_steps: each step's commits stay on the device until the generation ends (no read)
+    records: list[tuple[int, int, Tensor, Tensor, Tensor]] | None = [] if config.record_steps else None
     just_committed = torch.zeros((rows_total, L), dtype=torch.bool, device=device)
     steps_per_block = steps // n_blocks
     observe_confidence = getattr(policy, "observe_confidence", None)
@@ -402,6 +407,8 @@ def _denoise(
             facts = [(x[:, P:] == mask_id).view(B, n_blocks, block_len).any(2).any(0), misses[None]]
             if row_bound is not None:
                 facts.append(row_bound(x_in == mask_id, just_committed).reshape(1))
+            if on_step is not None:  # streaming: the answer canvas comes back with the same read
+                facts.append(x[:, P:].flatten())
             host = torch.cat([f.long() for f in facts]).tolist()
             if host[n_blocks]:
                 raise RuntimeError(f"cache policy {policy.name!r} skipped a row the decoder needs")
@@ -409,12 +416,14 @@ def _denoise(
             if row_bound is not None:
                 row_budget = host[n_blocks + 1]
             if records is not None:
-                records.append(_record(n, blk, committed, x, commit, bs, be, P))
+                records.append(_record(n, blk, committed, x, commit, bs))
             n += 1
             if progress is not None:
                 progress(n, steps)
             if on_step is not None:
-                on_step(StepEvent(n, blk, x[:, P:], mask_id, not blocks_open[blk]))
+                tokens = host[len(host) - B * G :]
+                canvas_host = [tokens[b * G : (b + 1) * G] for b in range(B)]
+                on_step(StepEvent(n, blk, x[:, P:], mask_id, not blocks_open[blk], canvas_host))
             if not blocks_open[blk]:
                 break
     if device.type == "cuda":
@@ -472,17 +481,26 @@ def _finish_rows(x: Tensor, P: int, mask_id: int, end_ids: Tensor, eos_id: int) 
 
 
 def _record(
-    n: int, blk: int, committed: Tensor, x: Tensor, commit: Any, bs: int, be: int, P: int
-) -> StepRecord:
-    pos, toks, confs = [], [], []
+    n: int, blk: int, committed: Tensor, x: Tensor, commit: Any, bs: int
+) -> tuple[int, int, Tensor, Tensor, Tensor]:
+    """One step's commits as device tensors (what `_step_records` turns into StepRecords)."""
     conf_full = torch.full(x.shape, float("nan"), dtype=torch.float64, device=x.device)
     conf_full[:, bs : bs + commit.confidence.shape[1]] = commit.confidence.to(torch.float64)
-    for b in range(x.shape[0]):
-        cols = committed[b].nonzero().flatten()
-        pos.append((cols - P).tolist())
-        toks.append(x[b, cols].tolist())
-        confs.append(conf_full[b, cols].tolist())
-    return StepRecord(n, blk, pos, toks, confs)
+    return n, blk, committed.clone(), x.clone(), conf_full
+
+
+def _step_records(records: list[tuple[int, int, Tensor, Tensor, Tensor]], B: int, P: int) -> list[StepRecord]:
+    """The recorded steps, read back to the host once at the end of the generation."""
+    out = []
+    for n, blk, committed, x, conf in records:
+        pos, toks, confs = [], [], []
+        for b in range(B):
+            cols = committed[b].nonzero().flatten()
+            pos.append((cols - P).tolist())
+            toks.append(x[b, cols].tolist())
+            confs.append(conf[b, cols].tolist())
+        out.append(StepRecord(n, blk, pos, toks, confs))
+    return out
 
 
 def _result(
@@ -495,7 +513,7 @@ def _result(
     wall: float,
     fstats: ForwardStats,
     feature_cache: FeatureCache | None,
-    records: list[StepRecord] | None,
+    records: list[tuple[int, int, Tensor, Tensor, Tensor]] | None,
     end_ids: Tensor,
     guide_stats: ForwardStats | None = None,
     guide_row_nfe: list[int] | None = None,
@@ -530,7 +548,8 @@ def _result(
         # The verifier's forwards that checked each row's drafts (one per chunk).
         guide_row_nfe=guide_row_nfe if guide_row_nfe is not None else [0] * len(row_steps),
     )
-    return GenerationResult(tokens, texts, x.cpu(), P, stats, records)
+    step_records = _step_records(records, x.shape[0], P) if records is not None else None
+    return GenerationResult(tokens, texts, x.cpu(), P, stats, step_records)
 
 
 __all__ = ["GenerationConfig", "GenerationResult", "GenerationStats", "StepEvent", "StepRecord", "generate"]

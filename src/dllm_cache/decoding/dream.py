@@ -74,11 +74,9 @@ class DreamDecoder:
         conf = conf.masked_fill(~masked, float("-inf"))
         if not self.alg_temp:
             return Commit(top_k_per_row(conf, k) & masked, tokens, conf)
-        # Sample which positions to commit from softmax(confidence / alg_temp), without replacement.
-        weights = (conf / self.alg_temp).softmax(-1)
-        commit = torch.zeros_like(masked)
-        for b in range(masked.shape[0]):
-            if k[b] > 0:
-                picked = torch.multinomial(weights[b], int(k[b]), replacement=False, generator=generator)
-                commit[b, picked] = True
-        return Commit(commit & masked, tokens, conf)
+        # Sample which positions to commit from softmax(confidence / alg_temp), without replacement,
+        # as torch.multinomial does it (the k largest weight / Exp(1) draws), for every row at once
+        # (a per-row multinomial reads each row's k on the host). Ranked in log space, where
+        # log(weight / q) = conf / alg_temp - log q + a row constant: no weight underflows to 0.
+        q = torch.empty_like(conf).exponential_(1, generator=generator)
+        return Commit(top_k_per_row(conf / self.alg_temp - q.log(), k) & masked, tokens, conf)

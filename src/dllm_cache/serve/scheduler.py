@@ -199,7 +199,7 @@ class Scheduler:
         for row, job in enumerate(batch):
             if job.events is None or job.cancelled.is_set():
                 continue
-            canvas = event.canvas[row].tolist()
+            canvas = event.tokens[row]  # read with the engine's one host read of the step
             if job.stream_denoising:
                 shown = ["<mask>" if t == event.mask_id else tok.decode([t]) for t in canvas]
                 job.emit(("canvas", {"step": event.step, "block": event.block, "tokens": shown}))

@@ -62,7 +62,7 @@ def live_canvas(llm: DLLM, console: Console, row: int = 0) -> Iterator[Callable[
 
         def on_step(event: StepEvent) -> None:
             nonlocal previous
-            canvas = event.canvas[row].tolist()
+            canvas = event.tokens[row]  # read with the step's one host read
             if previous is None:
                 previous = [event.mask_id] * len(canvas)
             live.update(render_canvas(canvas, previous, event.mask_id, end_ids, piece, event.step))
