@@ -71,7 +71,8 @@ def _row_mask(rows: Tensor | None, B: int, L: int, device: torch.device) -> Tens
     """[B, k] row indices (None: every row) -> [B, L] bool."""
     if rows is None:
         return torch.ones((B, L), dtype=torch.bool, device=device)
-    return torch.zeros((B, L), dtype=torch.bool, device=device).scatter_(1, rows, True)
+    # column L: the scratch slot padding rows name (computed, written nowhere read): not a row
+    return torch.zeros((B, L + 1), dtype=torch.bool, device=device).scatter_(1, rows, True)[:, :L]
 
 
 def _ranges(mask: list[bool]) -> list[list[int]]:
