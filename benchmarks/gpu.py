@@ -3,6 +3,14 @@
     python benchmarks/gpu.py                                       # the full grid on CUDA, bf16
     python benchmarks/gpu.py --shapes llada-8b --methods none,dual,dllm-cache --gen 256 --batch 1
     python benchmarks/gpu.py --tiny --device cpu                   # small shapes: a smoke test anywhere
+    python benchmarks/gpu.py --shapes dream-7b --guided none,dual --server dual --batch 1 8
+
+--guided adds rows of guided decoding (an AR guide at the Qwen2.5-0.5B-Instruct shape verifies
+the dLLM's drafts; Dream shapes only, the pair that shares token ids): the AR guide's ms per forward
+(the verifier's static 32-row chunk, timed around each call), its floor and efficiency.
+--server adds rows that go through the server's scheduler (serve/scheduler.py): `batch` requests
+submitted at once, batched into one generation by the scheduler, timed from submit to the last
+answer.
 
 Weights are random (normal, std 0.02, unit norms), drawn directly on the device in the benchmark
 dtype: no checkpoint files. The shapes come from the real config.json files (benchmarks/configs/,
@@ -20,7 +28,9 @@ give on a trained model.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
+import functools
 import json
 import sys
 import time
@@ -30,6 +40,8 @@ from typing import Any
 
 import torch
 
+from dllm_cache.cache import make_policy
+from dllm_cache.decoding.guided import GuidedDecoder, VocabularyMap
 from dllm_cache.engine import GenerationConfig, generate
 from dllm_cache.methods import parse_method
 from dllm_cache.models.loading import DLLM, read_config
@@ -38,6 +50,9 @@ from dllm_cache.models.transformer import ModelConfig
 
 HERE = Path(__file__).resolve().parent
 CONFIG_DIRS = {"llada-8b": "llada-8b-instruct", "dream-7b": "dream-v0-instruct-7b"}
+# The AR guide of guided decoding, per dLLM shape (Dream and Qwen2.5 number their tokens alike).
+GUIDE_DIRS = {"dream-7b": "qwen2.5-0.5b-instruct"}
+TINY_GUIDES = {"tiny-dream": lambda: tiny_config("qwen2", vocab_size=2048, d_model=64, n_layers=2, d_ff=128)}
 TINY_SHAPES = {
     "tiny-llada": lambda: tiny_config("llada", vocab_size=2048, d_model=128, n_layers=2, n_heads=4, d_ff=256),
     "tiny-dream": lambda: tiny_config("dream", vocab_size=2048, d_model=128, n_layers=2, n_heads=4, d_ff=256),
@@ -182,13 +197,196 @@ def run_one(
     }
 
 
+class _Warm(Exception):
+    pass
+
+
+def warm_up(
+    llm: DLLM,
+    method: str,
+    prompts: list[list[int]],
+    gen: int,
+    steps: int | None,
+    block: int,
+    seed: int,
+    graphs: bool,
+) -> None:
+    """The timed run's first block and one more step, untimed: kernels, allocator, and on CUDA the
+    graphs of those step shapes (kept with the model for the timed run, which has the same key)."""
+    per_block = (steps or gen) // (gen // block)
+
+    def stop(done: int, _total: int) -> None:
+        if done > per_block:
+            raise _Warm
+
+    try:
+        run_one(llm, method, prompts, gen, steps, block, seed, graphs, progress=stop)
+    except _Warm:
+        pass
+
+
+def run_profiled(
+    llm: DLLM,
+    method: str,
+    prompts: list[list[int]],
+    gen: int,
+    steps: int | None,
+    block: int,
+    seed: int,
+    graphs: bool,
+    profile: bool,
+    warm: bool = True,
+) -> dict[str, Any]:
+    """`run_one` after its warm-up, plus the kernel launches of one step of a short two-block generation."""
+    if warm:
+        warm_up(llm, method, prompts, gen, steps, block, seed, graphs)
+    out = run_one(llm, method, prompts, gen, steps, block, seed, graphs)
+    if profile:
+        g2 = 2 * block
+        out["launches_per_nfe"] = launches_in_one_step(
+            llm, method, prompts, g2, g2 * (steps or gen) // gen, block, seed, graphs
+        )
+    return out
+
+
+def forward_flops(cfg: ModelConfig, batch: int, rows: int, seq_len: int) -> float:
+    """A forward of `rows` query rows over `seq_len` keys, counted as the engine counts it."""
+    per_layer = 2 * cfg.linear_params_per_layer() * batch * rows + 4 * batch * rows * seq_len * cfg.d_model
+    return cfg.n_layers * per_layer + 2 * cfg.d_model * cfg.vocab_size * batch * rows
+
+
+class TimedGuidedDecoder(GuidedDecoder):
+    """Guided decoding with every AR forward timed (synchronised before and after: the timing run
+    is separate from the tokens/s run)."""
+
+    def begin_generation(self, ctx: Any) -> None:
+        super().begin_generation(ctx)
+        self.untimed, self.ar_seconds = self.forward, []
+        device = self.guide.model.device
+
+        def timed(x: torch.Tensor, rows: Any, logit_rows: torch.Tensor) -> torch.Tensor:
+            _sync(device)
+            t = time.perf_counter()
+            out = self.untimed(x, rows, logit_rows)
+            _sync(device)
+            self.ar_seconds.append(time.perf_counter() - t)
+            return out
+
+        self.forward = timed  # type: ignore[assignment]
+
+    def end_generation(self) -> None:
+        self.forward = self.untimed
+        super().end_generation()
+
+
+def run_guided(
+    llm: DLLM,
+    guide: DLLM,
+    policy: str,
+    prompts: list[list[int]],
+    gen: int,
+    block: int,
+    seed: int,
+    graphs: bool,
+    rates: dict[str, float],
+) -> dict[str, Any]:
+    """One guided generation with each AR forward timed (its median, the prompt's first forward left
+    out, against the guide's floor), then one timed whole (tokens/s, ms per dLLM NFE)."""
+    vocab = VocabularyMap(llm, guide, shared_ids=True)
+    config = GenerationConfig(gen_length=gen, block_length=block, chat=False, seed=seed, graphs=graphs)
+    # the forward-timed run first: it also warms up (and on CUDA captures) what the timed run replays
+    timed = TimedGuidedDecoder(guide, graphs=graphs, vocab=vocab)
+    generate(llm, prompts, config, cache=make_policy(policy), decoder=timed)
+    out = generate(
+        llm,
+        prompts,
+        config,
+        cache=make_policy(policy),
+        decoder=GuidedDecoder(guide, graphs=graphs, vocab=vocab),
+    )
+    s = out.stats
+    row = {
+        "tokens_per_s": s.tokens_per_s,
+        "wall_time_s": s.wall_time_s,
+        "generated_tokens": s.generated_tokens,
+        "nfe": s.nfe,
+        "recompute_fraction": s.recompute_fraction,
+        "tflops": s.flops / 1e12,
+        "peak_memory_gib": s.peak_memory_bytes / 2**30,
+        "cache_gib": s.cache_bytes / 2**30,
+        "guide_nfe": s.guide_nfe,
+        "decoder": "guided",
+    }
+    steady = sorted(timed.ar_seconds[1:] or timed.ar_seconds)
+    ms = 1e3 * steady[len(steady) // 2]
+    gcfg = guide.model.config
+    L = max(len(p) for p in prompts) + gen
+    read_ms = 1e3 * weight_bytes_per_forward(guide.model) / rates["bytes_per_s"]
+    compute_ms = 1e3 * forward_flops(gcfg, len(prompts), timed.chunk, L) / rates["matmul_flops_per_s"]
+    row["guide_ms_per_forward"] = ms
+    row["guide_floor_ms"] = max(read_ms, compute_ms)
+    row["guide_efficiency"] = row["guide_floor_ms"] / ms
+    return row
+
+
+def run_server(
+    llm: DLLM,
+    method: str,
+    prompts: list[list[int]],
+    gen: int,
+    steps: int | None,
+    block: int,
+    seed: int,
+    graphs: bool,
+) -> dict[str, Any]:
+    """`len(prompts)` requests submitted at once to the server's scheduler (one batch), timed from
+    submit to the last answer; the engine's own timing of the batch gives ms per NFE."""
+    from dllm_cache.serve.scheduler import Job, Scheduler
+
+    m = parse_method(method)
+    config = GenerationConfig(
+        gen_length=gen, steps=steps, block_length=block, chat=False, seed=seed, graphs=graphs
+    )
+    config = dataclasses.replace(config, **m.overrides)
+
+    async def serve() -> tuple[list[Any], float, int]:
+        loop = asyncio.get_running_loop()
+        scheduler = Scheduler(llm, max_batch_size=len(prompts), max_queue=len(prompts), batch_wait_s=0.05)
+        try:
+            jobs = [Job(p, config, m, loop, loop.create_future()) for p in prompts]
+            start = time.perf_counter()
+            for job in jobs:
+                scheduler.submit(job)
+            results = await asyncio.gather(*(job.future for job in jobs))
+            return results, time.perf_counter() - start, scheduler.metrics.batches
+        finally:
+            scheduler.close()
+
+    results, wall, batches = asyncio.run(serve())
+    s = results[0].stats  # the batch's generation (every request of it reports the same)
+    return {
+        "tokens_per_s": s["generated_tokens"] / wall,
+        "wall_time_s": s["wall_time_s"],  # the generation's (ms/NFE); end to end: server_wall_s
+        "server_wall_s": wall,
+        "server_batches": batches,
+        "generated_tokens": s["generated_tokens"],
+        "nfe": s["nfe"],
+        "recompute_fraction": s["recompute_fraction"],
+        "tflops": s["flops"] / 1e12,
+        "peak_memory_gib": s["peak_memory_bytes"] / 2**30,
+        "cache_gib": s["cache_bytes"] / 2**30,
+        "block_length": config.block_length,
+        "decoder": config.decoder,
+    }
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tiny", action="store_true", help="small shapes, short prompts: a smoke test")
     ap.add_argument("--shapes", nargs="+", default=None, help=f"{', '.join([*CONFIG_DIRS, *TINY_SHAPES])}")
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated presets / method specs")
     ap.add_argument("--gen", type=int, nargs="+", default=None, help="answer lengths (default 256 512)")
-    ap.add_argument("--batch", type=int, nargs="+", default=None, help="batch sizes (default 1 16)")
+    ap.add_argument("--batch", type=int, nargs="+", default=None, help="batch sizes (default 1 8)")
     ap.add_argument(
         "--prompt", type=int, nargs="+", default=None, help="prompt tokens (default 256; --tiny 32)"
     )
@@ -204,8 +402,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--config-dir", type=Path, default=HERE / "configs", help="dirs with the real config.json"
     )
-    ap.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up generation per method")
+    ap.add_argument(
+        "--no-warmup",
+        action="store_true",
+        help="skip the untimed warm-up (first block) before each timed run",
+    )
     ap.add_argument("--budget-s", type=float, default=None, help="skip the remaining runs after this long")
+    ap.add_argument(
+        "--guided",
+        default="",
+        help="cache policies to run with guided decoding (Dream shapes), e.g. none,dual",
+    )
+    ap.add_argument(
+        "--server", default="", help="methods to also run through the server's scheduler (batched requests)"
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
         "--out", type=Path, default=Path("gpu-bench.json"), help="JSON results (rewritten per run)"
@@ -216,7 +426,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if unknown:
         ap.error(f"unknown shape {unknown[0]!r} (choose {', '.join([*CONFIG_DIRS, *TINY_SHAPES])})")
     args.gen = args.gen or ([32] if args.tiny else [256, 512])
-    args.batch = args.batch or ([1, 2] if args.tiny else [1, 16])
+    args.batch = args.batch or ([1, 2] if args.tiny else [1, 8])
     args.prompt = args.prompt or [32 if args.tiny else 256]
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -224,8 +434,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.dtype is None:
         args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    for m in args.methods:
+    args.guided = [m.strip() for m in args.guided.split(",") if m.strip()]
+    args.server = [m.strip() for m in args.server.split(",") if m.strip()]
+    for m in args.methods + args.server:
         parse_method(m)  # a bad spec fails now, not after an 8B model is built
+    for m in args.guided:
+        make_policy(m)
     return args
 
 
@@ -247,6 +461,20 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             f"{r['efficiency']:.0%} | {launches} | {r['nfe']} | {r['recompute_fraction']:.1%} | "
             f"{r['peak_memory_gib']:.2f} | {r['cache_gib']:.2f} |"
         )
+    return "\n".join(lines)
+
+
+def guide_markdown(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| shape | method | prompt | gen | batch | guide NFE | AR ms/forward | floor ms | efficiency |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        if "guide_ms_per_forward" in r:
+            lines.append(
+                f"| {r['shape']} | {r['method']} | {r['prompt']} | {r['gen']} | {r['batch']} | {r['guide_nfe']} | "
+                f"{r['guide_ms_per_forward']:.2f} | {r['guide_floor_ms']:.2f} | {r['guide_efficiency']:.0%} |"
+            )
     return "\n".join(lines)
 
 
@@ -312,20 +540,85 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "weight_bytes_per_forward": weight_bytes,
         }
         print(f"# {shape}: {n_params / 1e6:,.1f}M parameters, {dtype}, {report['device']}", file=sys.stderr)
-        if not args.no_warmup:  # kernels, allocator and cuBLAS heuristics: not part of any timing
-            warm = random_prompts(cfg, 1, args.prompt[0], args.seed)
-            for method in args.methods:
-                run_one(llm, method, warm, args.block_length, None, args.block_length, args.seed, graphs)
+        guide = None
+        if args.guided and (shape in GUIDE_DIRS or shape in TINY_GUIDES):
+            gcfg = (
+                TINY_GUIDES[shape]()
+                if shape in TINY_GUIDES
+                else read_config(args.config_dir / GUIDE_DIRS[shape])
+            )
+            gmodel = (
+                random_model(gcfg, args.seed + 1, device=device, dtype=dtype).eval().requires_grad_(False)
+            )
+            guide = DLLM(gmodel, None, Path(f"random:{shape}-guide"), [gcfg.eos_token_id])
+            report["shapes"][shape]["guide_params"] = sum(p.numel() for p in gmodel.parameters())
         for prompt_len in args.prompt:
             for gen in args.gen:
                 steps = gen // args.tokens_per_step if args.tokens_per_step else args.steps
                 for batch in args.batch:
                     prompts = random_prompts(cfg, batch, prompt_len, args.seed)
                     group: list[dict[str, Any]] = []
+                    # (label, how to run it): the engine per method, then the server's batched path,
+                    # then guided decoding
+                    runs: list[tuple[str, Any]] = []
                     for method in args.methods:
+                        runs.append(
+                            (
+                                method,
+                                functools.partial(
+                                    run_profiled,
+                                    llm,
+                                    method,
+                                    prompts,
+                                    gen,
+                                    steps,
+                                    args.block_length,
+                                    args.seed,
+                                    graphs,
+                                    not args.no_profile,
+                                    not args.no_warmup,
+                                ),
+                            )
+                        )
+                    for method in args.server:
+                        runs.append(
+                            (
+                                f"{method} (server)",
+                                functools.partial(
+                                    run_server,
+                                    llm,
+                                    method,
+                                    prompts,
+                                    gen,
+                                    steps,
+                                    args.block_length,
+                                    args.seed,
+                                    graphs,
+                                ),
+                            )
+                        )
+                    for policy in args.guided if guide is not None else []:
+                        runs.append(
+                            (
+                                f"guided+{policy}",
+                                functools.partial(
+                                    run_guided,
+                                    llm,
+                                    guide,
+                                    policy,
+                                    prompts,
+                                    gen,
+                                    args.block_length,
+                                    args.seed,
+                                    graphs,
+                                    rates,
+                                ),
+                            )
+                        )
+                    for label, fn in runs:
                         row: dict[str, Any] = {
                             "shape": shape,
-                            "method": method,
+                            "method": label,
                             "prompt": prompt_len,
                             "gen": gen,
                             "steps": steps or gen,
@@ -335,23 +628,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                             row["error"] = "skipped (--budget-s)"
                         else:
                             try:
-                                row.update(
-                                    run_one(
-                                        llm, method, prompts, gen, steps, args.block_length, args.seed, graphs
-                                    )
-                                )
+                                row.update(fn())
                                 add_floor(row, rates, weight_bytes)
-                                if not args.no_profile:
-                                    # a short generation of two blocks, one step of the second profiled
-                                    g2 = 2 * args.block_length
-                                    s2 = g2 * (steps or gen) // gen
-                                    launches = launches_in_one_step(
-                                        llm, method, prompts, g2, s2, args.block_length, args.seed, graphs
-                                    )
-                                    row["launches_per_nfe"] = launches
                             except torch.cuda.OutOfMemoryError:
                                 row["error"] = "out of memory"
                                 torch.cuda.empty_cache()
+                        if label.startswith("guided"):
+                            row["steps"] = row.get("nfe", "-")  # dynamic: as many steps as it takes
                         rows.append(row)
                         group.append(row)
                         save()
@@ -363,13 +646,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         if base and "error" not in r:
                             r["speedup"] = r["tokens_per_s"] / base
                     save()
-        del model, llm
+        del model, llm, guide
         if device.type == "cuda":
             torch.cuda.empty_cache()
     report["total_s"] = time.perf_counter() - start
     save()
     print(f"`{report['command']}` on {report['device']}, {report['dtype']}, graphs {graphs}\n")
     print(markdown(rows))
+    if any("guide_ms_per_forward" in r for r in rows):
+        print("\nThe AR guide's forward in guided decoding:\n")
+        print(guide_markdown(rows))
     print("\nNotes:\n" + "\n".join(f"- {n}" for n in NOTES))
     print(f"\nJSON: {args.out}", file=sys.stderr)
     return report

@@ -203,6 +203,28 @@ def test_gpu_benchmark_tiny_cpu(tmp_path, capsys):
     assert "| tiny-dream | dual | 16 | 32 | 32 | 2 |" in printed and "random weights" in printed
 
 
+def test_gpu_benchmark_guided_and_server_rows(tmp_path, capsys):
+    """--guided: the AR guide's ms per forward against its floor; --server: the same engine call
+    through the server's scheduler, the batch's requests in one generation."""
+    gpu = _gpu_module()
+    report = gpu.main(
+        ["--tiny", "--device", "cpu", "--shapes", "tiny-dream", "--gen", "16", "--batch", "2", "--prompt", "8",
+         "--block-length", "16", "--methods", "none", "--server", "dual", "--guided", "dual", "--no-warmup",
+         "--no-profile", "--out", str(tmp_path / "gpu.json")]
+    )  # fmt: skip
+    rows = {r["method"]: r for r in report["rows"]}
+    assert list(rows) == ["none", "dual (server)", "guided+dual"]
+    server = rows["dual (server)"]
+    assert server["server_batches"] == 1 and server["nfe"] == 16 and server["recompute_fraction"] < 1.0
+    assert server["server_wall_s"] >= server["wall_time_s"] > 0 and server["efficiency"] > 0
+    guided = rows["guided+dual"]
+    assert guided["guide_nfe"] >= 1 and guided["steps"] == guided["nfe"] and guided["generated_tokens"] > 0
+    assert 0 < guided["guide_floor_ms"] and guided["guide_efficiency"] == pytest.approx(
+        guided["guide_floor_ms"] / guided["guide_ms_per_forward"]
+    )
+    assert "The AR guide's forward in guided decoding" in capsys.readouterr().out
+
+
 def test_gpu_benchmark_budget_writes_what_it_has(tmp_path):
     gpu = _gpu_module()
     out = tmp_path / "gpu.json"

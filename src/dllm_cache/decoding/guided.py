@@ -80,7 +80,27 @@ class GenerationContext:
 class VocabularyMap:
     """dLLM id <-> AR id by token string; -1 where a token has no counterpart."""
 
-    def __init__(self, llm: DLLM, guide: DLLM) -> None:
+    def __init__(self, llm: DLLM, guide: DLLM, shared_ids: bool = False) -> None:
+        """shared_ids: the two models number their tokens alike (Dream and Qwen2.5; random-weight
+        benchmarks, which have no tokenizers): id i maps to id i where both have it."""
+        if shared_ids:
+            n_src, n_dst = llm.config.vocab_size, guide.config.vocab_size
+            ids = torch.arange(max(n_src, n_dst))
+            self.to_guide = torch.where(ids[:n_src] < n_dst, ids[:n_src], -1)
+            self.to_model = torch.where(ids[:n_dst] < n_src, ids[:n_dst], -1)
+            dst: dict[str, int] = {}
+        else:
+            dst = self._match_by_string(llm, guide)
+        # End of answer: the dLLM's EOS is the guide's end-of-turn (or EOS); the guide's end tokens
+        # map back to the dLLM's EOS.
+        guide_end = next((dst[t] for t in END_OF_TURN_TOKENS if t in dst), guide.config.eos_token_id)
+        self.to_guide[llm.config.eos_token_id] = guide_end
+        for j in {guide_end, guide.config.eos_token_id}:
+            self.to_model[j] = llm.config.eos_token_id
+        self.guide_pad = guide.config.pad_token_id if guide.config.pad_token_id is not None else guide_end
+
+    def _match_by_string(self, llm: DLLM, guide: DLLM) -> dict[str, int]:
+        """Fill the maps from the two tokenizers; returns the guide's vocabulary."""
         if llm.tokenizer is None or guide.tokenizer is None:
             raise GenerationError("guided decoding needs tokenizers for both the model and the guide model")
         src, dst = llm.tokenizer.get_vocab(), guide.tokenizer.get_vocab()
@@ -103,13 +123,7 @@ class VocabularyMap:
         for tok, j in dst.items():
             if tok in src:
                 self.to_model[j] = src[tok]
-        # End of answer: the dLLM's EOS is the guide's end-of-turn (or EOS); the guide's end tokens
-        # map back to the dLLM's EOS.
-        guide_end = next((dst[t] for t in END_OF_TURN_TOKENS if t in dst), guide.config.eos_token_id)
-        self.to_guide[llm.config.eos_token_id] = guide_end
-        for j in {guide_end, guide.config.eos_token_id}:
-            self.to_model[j] = llm.config.eos_token_id
-        self.guide_pad = guide.config.pad_token_id if guide.config.pad_token_id is not None else guide_end
+        return dst
 
     def guide_ids(self, ids: Tensor) -> Tensor:
         return self.to_guide.to(ids.device)[ids]
@@ -133,6 +147,7 @@ class GuidedDecoder:
         ratio: float = 0.95,
         chunk: int = 32,
         graphs: bool | str = True,
+        vocab: VocabularyMap | None = None,
     ) -> None:
         if not guide.config.causal:
             raise GenerationError(
@@ -163,12 +178,13 @@ class GuidedDecoder:
         self._row_forwards: Tensor | None = None  # per prompt: AR forwards that verified its drafts
         self.forward: StepForward | None = None
         self.ctx: GenerationContext | None = None
-        self.vocab: VocabularyMap | None = None
+        self.vocab: VocabularyMap | None = vocab  # given: used with any model (shared ids)
+        self._vocab_given = vocab is not None
         self._vocab_of: Any = None
 
     def check_model(self, llm: DLLM) -> None:
         """Up front: the vocabularies must match (a clear error otherwise)."""
-        if self._vocab_of is not llm:
+        if not self._vocab_given and self._vocab_of is not llm:
             self.vocab, self._vocab_of = VocabularyMap(llm, self.guide), llm
 
     def begin_generation(self, ctx: GenerationContext) -> None:
