@@ -225,6 +225,28 @@ def test_gpu_benchmark_guided_and_server_rows(tmp_path, capsys):
     assert "The AR guide's forward in guided decoding" in capsys.readouterr().out
 
 
+def test_gpu_bar_script_dry_run_keeps_its_time(tmp_path):
+    """benchmarks/gpu_bar.sh at tiny shapes on CPU with a 20 s budget: the first table is written row
+    by row, the tables it has no time for are named, and the script ends within its budget."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    env = dict(os.environ, OUT=str(tmp_path), TINY="1", TOTAL_S="20", PY=sys.executable)
+    start = time.perf_counter()
+    done = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_bar.sh")], env=env, cwd=ROOT, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert time.perf_counter() - start < 20 + 60
+    first = json.loads((tmp_path / "llada-p16-g32.json").read_text())
+    assert first["chip"]["matmul_flops_per_s"] > 0 and first["rows"]
+    assert all("error" in r or r["ms_per_nfe"] > 0 for r in first["rows"])
+    tables = (tmp_path / "tables.md").read_text()
+    assert "# llada-eager: no time left" in tables and "# gpu_bar.sh:" in tables
+
+
 def test_gpu_benchmark_budget_writes_what_it_has(tmp_path):
     gpu = _gpu_module()
     out = tmp_path / "gpu.json"
