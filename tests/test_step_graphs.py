@@ -211,3 +211,18 @@ def test_compiled_pointwise_gives_the_eager_tokens(llada):
     assert torch.equal(eager.sequences, compiled.sequences)
     assert counters["stats"]["calls_captured"] > 0  # the compiled kernels really ran
     assert llada.model.final_norm.ops is EAGER and llada.model.blocks[0].ops is EAGER
+
+
+def test_guided_static_ar_forward_gives_the_eager_tokens():
+    """Guided decoding's AR verifier on the static path (bucketed rows, static buffers: what a CUDA
+    graph replays) commits what the eager verifier commits."""
+    from dllm_cache.decoding.guided import GuidedDecoder
+    from dllm_cache.models.loading import load
+
+    dream, guide = load("tiny-dream", dtype="float32"), load("tiny-ar", dtype="float32")
+    questions = ["What is 7 + 8?", "Tom has 3 apples. He buys 5 more. How many apples does he have now?"]
+    kw = dict(gen_length=24, block_length=24, cache=_policy("dual"), graphs=False)
+    eager = generate(dream, questions, decoder=GuidedDecoder(guide, graphs=False, chunk=8), **kw)
+    static = generate(dream, questions, decoder=GuidedDecoder(guide, graphs="static", chunk=8), **kw)
+    assert torch.equal(eager.sequences, static.sequences)
+    assert static.stats.guide_nfe == eager.stats.guide_nfe > 1
