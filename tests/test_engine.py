@@ -36,9 +36,9 @@ def test_per_row_nfe_is_what_each_prompt_costs_alone(fixture, request):
 
 
 def test_tokens_per_step_schedule():
-    masked = torch.ones(2, 10, dtype=torch.bool)
-    masked[1, :3] = False
-    assert tokens_per_step(masked, 4).tolist() == [[3, 3, 2, 2], [2, 2, 2, 1]]
+    assert tokens_per_step(10, 4) == [3, 3, 2, 2]
+    assert tokens_per_step(7, 4) == [2, 2, 2, 1]
+    assert tokens_per_step(3, 4) == [1, 1, 1, 0]
 
 
 def test_per_step_commit_counts(llada):

@@ -1,14 +1,24 @@
-"""Rules as the published code applies them: Fast-dLLM's factor and threshold rules, its Dream loop."""
+"""Rules as the published code applies them: Fast-dLLM's factor and threshold rules, its Dream loop,
+and the reference samplers' ranking (fp32 confidences, exact ties broken as torch.topk breaks them)."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
-from conftest import PROMPTS
+from conftest import PROMPTS, as_llm
 
+from dllm_cache.cache import DLLMCache, DualCache, PrefixCache
+from dllm_cache.decoding.dream import DreamDecoder
+from dllm_cache.decoding.llada import LLaDADecoder
 from dllm_cache.decoding.parallel import ThresholdDecoder, factor_rule
+from dllm_cache.decoding.sampling import ReferenceRows
 from dllm_cache.engine import generate
 from dllm_cache.errors import GenerationError
+from dllm_cache.models.loading import save_checkpoint
+from dllm_cache.models.random_init import random_model, tiny_config
+from dllm_cache.scoring import top_k_per_row
 
 INF = float("-inf")
 
@@ -82,3 +92,188 @@ def test_dream_threshold_commits_the_block_start_alone_at_a_blocks_first_step(dr
     assert any(len(row) > 1 for row in first.positions)
     with pytest.raises(GenerationError, match="unknown model family 'qwen'"):
         ThresholdDecoder(0.9, family="qwen")
+
+
+# Prompts of mixed lengths: each prompt's reference row has its own length, and torch.topk's choice
+# among ties depends on it.
+TIE_PROMPTS = [[63, 113, 91, 141, 159], [139, 124], [103, 137, 73, 103], [185, 23, 23]]
+
+
+@pytest.fixture(scope="module")
+def peaked_llada(tmp_path_factory):
+    """LLaDA with large weights (std 4): many positions have probability exactly 1.0 in fp32."""
+    path = tmp_path_factory.mktemp("llada-std4") / "llada"
+    return as_llm(save_checkpoint(random_model(tiny_config("llada"), seed=1, std=4.0), path))
+
+
+@pytest.fixture(scope="module")
+def near_uniform_dream(tmp_path_factory):
+    """Dream with the default init scale (std 0.02): near-uniform logits, so fp32 entropies tie."""
+    path = tmp_path_factory.mktemp("dream-std002") / "dream"
+    return as_llm(save_checkpoint(random_model(tiny_config("dream"), seed=1), path))
+
+
+def _llada_reference(llm, prompt: list[int], gen: int, steps: int, block: int) -> tuple[list[int], int]:
+    """LLaDA's published sampler (generate.py), greedy, uncached, one prompt alone: per block the
+    tokens per step from its masked count; each step the softmax of the (fp32) logits, -inf outside
+    the block's masked positions, torch.topk over the whole row. -> (answer, steps with tied picks)."""
+    mask = llm.config.mask_token_id
+    P, n_blocks = len(prompt), gen // block
+    x = torch.tensor([prompt + [mask] * gen])
+    ties = 0
+    for nb in range(n_blocks):
+        end = P + (nb + 1) * block
+        m, per = int((x[0, end - block : end] == mask).sum()), steps // n_blocks
+        for i in range(per):
+            k = m // per + (i < m % per)
+            masked = x == mask
+            logits = llm.model(x)
+            x0 = logits.argmax(-1)
+            x0_p = logits.softmax(-1).gather(-1, x0[..., None]).squeeze(-1)
+            x0_p[:, end:] = INF
+            conf = torch.where(masked, x0_p, INF)
+            if k:
+                idx = conf[0].topk(k).indices
+                ties += int((conf[0] == conf[0, idx].min()).sum()) > 1  # the k-th best is tied
+                x[0, idx] = x0[0, idx]
+    return x[0, P:].tolist(), ties
+
+
+def _dream_reference(
+    llm, prompt: list[int], gen: int, steps: int, eps: float = 1e-3
+) -> tuple[list[int], int]:
+    """Dream's published entropy sampler (generation_utils `_sample`), greedy, uncached, one prompt
+    alone: fp32 negative entropy of each masked position, int(masked x (1 - s/t)) positions per step
+    (all at the last) chosen by torch.topk over the whole row. -> (answer, steps with tied picks)."""
+    mask = llm.config.mask_token_id
+    x = torch.tensor([prompt + [mask] * gen])
+    t = torch.linspace(1, eps, steps + 1)
+    ties = 0
+    for i in range(steps):
+        m = x == mask
+        logits = llm.model(x)
+        logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+        probs = logits[m].softmax(-1)
+        token = probs.argmax(-1)
+        score = (probs * torch.log(probs + 1e-10)).sum(-1)
+        n = m.sum() / m.shape[0]
+        k = int(n * (1 - t[i + 1] / t[i])) if i < steps - 1 else int(n)
+        full = torch.full(x.shape, INF)
+        full[m] = score
+        proposal = torch.full(x.shape, mask)
+        proposal[m] = token
+        if k > 0:
+            idx = full.topk(k).indices[0]
+            ties += int((full[0] == full[0, idx].min()).sum()) > 1
+            x[0, idx] = proposal[0, idx]
+    return x[0, len(prompt) :].tolist(), ties
+
+
+@pytest.mark.parametrize("cache", ["none", "prefix", "dual", "dllm-cache"])
+def test_llada_fp32_ties_go_as_in_the_published_sampler(peaked_llada, cache):
+    """Confidences of exactly 1.0 in fp32 tie; the published sampler commits the ones torch.topk
+    picks over the prompt's row (before: float64 confidences, then the lowest index, gave other
+    tokens on three of these four prompts). Caches at their exact settings keep the order.
+    One prompt at a time, as the reference runs (see the Dream test below)."""
+    policies = {
+        "none": lambda: "none",
+        "prefix": lambda: PrefixCache(refresh_interval=1),
+        "dual": lambda: DualCache(refresh_interval=1),
+        "dllm-cache": lambda: DLLMCache(prompt_interval=1, response_interval=1),
+    }
+    tied_steps = 0
+    for prompt in TIE_PROMPTS:
+        kw = dict(gen_length=16, steps=8, block_length=8, early_stop=False)
+        out = generate(peaked_llada, [prompt], cache=policies[cache](), **kw)
+        expected, ties = _llada_reference(peaked_llada, prompt, 16, 8, 8)
+        assert out.sequences[0, -16:].tolist() == expected, prompt
+        tied_steps += ties
+    assert tied_steps > 0  # the premise: ties were broken
+
+
+@pytest.mark.parametrize(("steps", "cache"), [(16, "none"), (8, "none"), (16, "dual"), (8, "dllm-cache")])
+def test_dream_entropy_ties_go_as_in_the_published_sampler(near_uniform_dream, steps, cache):
+    """Equal fp32 entropies tie; the published sampler commits the ones torch.topk picks over the
+    prompt's row (the lowest-index tie-break, ours before, gave other tokens on two of these four
+    prompts at either step count).
+    One prompt at a time, as the reference runs: on these extreme models whether two scores tie
+    can hang on the last bit, and a padded batch's forward rounds differently (a numerics matter,
+    not the ranking's: test_reference_rows_rank_each_prompt_in_its_own_row covers a batch)."""
+    llm = near_uniform_dream
+    policies = {
+        "none": lambda: "none",
+        "dual": lambda: DualCache(refresh_interval=1),
+        "dllm-cache": lambda: DLLMCache(prompt_interval=1, response_interval=1),
+    }
+    tied_steps = 0
+    for prompt in TIE_PROMPTS:
+        kw = dict(gen_length=16, steps=steps, block_length=16, early_stop=False)
+        out = generate(llm, [prompt], cache=policies[cache](), **kw)
+        expected, ties = _dream_reference(llm, prompt, 16, steps)
+        assert out.sequences[0, -16:].tolist() == expected, prompt
+        tied_steps += ties
+    assert tied_steps > 0
+
+
+def test_llada_decoder_ranks_fp32_confidences_without_a_context():
+    """Driven by hand (no engine): two positions at exactly 1.0 in fp32 (float64 tells them apart)
+    go as torch.topk picks among them over the block's own row, and the schedule comes from the
+    mask (four masked positions over four steps: one each)."""
+    N, V, tied = 8, 8, (2, 5)
+    row = torch.full((N,), INF)
+    row[list(tied)] = 1.0
+    row[[0, 3]] = 0.3
+    picked = int(row.topk(1).indices)
+    other = tied[1] if picked == tied[0] else tied[0]
+    logits = torch.zeros(1, N, V)
+    logits[0, [0, 3], 1] = 1.0  # low confidence
+    logits[0, picked, 4] = 30.0  # 1.0 in fp32; in float64 1 - 6e-13
+    logits[0, other, 4] = 40.0  # 1.0 in fp32; in float64 closer to 1: float64 ranks it first
+    assert logits.softmax(-1).amax(-1)[0, picked] == logits.softmax(-1).amax(-1)[0, other] == 1.0
+    masked = torch.zeros(1, N, dtype=torch.bool)
+    masked[0, [0, 2, 3, 5]] = True
+    decoder = LLaDADecoder()
+    decoder.start_block(masked, steps=4)
+    assert decoder.schedule == [[1, 1, 1, 1]]
+    commit = decoder.step(logits, masked, 0, torch.Generator())
+    assert commit.positions[0].nonzero().flatten().tolist() == [picked]
+
+
+def test_dream_decoder_without_a_context_ranks_the_block_alone():
+    """Driven by hand (no engine), ties go as torch.topk over the block's own row."""
+    conf_logits = torch.zeros(1, 6, 4)  # six identical rows: every entropy ties
+    masked = torch.ones(1, 6, dtype=torch.bool)
+    decoder = DreamDecoder(alg="entropy")
+    decoder.start_block(masked, steps=2)
+    commit = decoder.step(conf_logits, masked, 1, torch.Generator())  # last step: all six
+    assert commit.positions.all()
+    decoder.start_block(masked, steps=3)
+    commit = decoder.step(conf_logits, masked, 0, torch.Generator())
+    k = int(6 * (1 - decoder.timesteps[1] / decoder.timesteps[0]))
+    assert k > 0 and decoder.transfer_counts(masked, 0) == [k]
+    expected = torch.zeros(6, dtype=torch.bool)
+    expected[torch.full((6,), -1.3862943649291992).topk(k).indices] = True
+    assert commit.positions[0].tolist() == expected.tolist()
+
+
+def test_reference_rows_rank_each_prompt_in_its_own_row():
+    """In a batch, each row's block is ranked by torch.topk at its place in that prompt's own row
+    (len(prompt) + G, -inf elsewhere), with that row's k; among ties this is not the lowest index."""
+    G, N, block_start = 16, 8, 8
+    prompt_lengths, k = [5, 2, 9], [3, 2, 5]
+    P = max(prompt_lengths)
+    context = SimpleNamespace(
+        x=torch.zeros(3, P + G), prompt_length=P, prompt_lengths=prompt_lengths, block_start=block_start
+    )
+    scores = torch.ones(3, N)  # every masked score tied
+    scores[0, 6] = scores[2, 1] = INF  # committed already
+    scores[1, 3] = 0.5
+    got = ReferenceRows(context).topk(scores, k)
+    for b, length in enumerate(prompt_lengths):
+        row = torch.full((length + G,), INF)
+        offset = length + block_start
+        row[offset : offset + N] = scores[b]
+        expected = torch.zeros(length + G, dtype=torch.bool)
+        expected[row.topk(k[b]).indices] = True
+        assert got[b].tolist() == expected[offset : offset + N].tolist(), b
+    assert not torch.equal(got, top_k_per_row(scores, torch.tensor(k)))

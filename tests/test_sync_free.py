@@ -131,6 +131,14 @@ def test_dream_origin_and_cfg_read_once(dream, monkeypatch):
     assert all(reads == ["tolist"] for reads in steps), steps
 
 
+def test_reference_ranking_and_dream_alg_temp_read_once(dream, monkeypatch):
+    """The reference samplers rank with host-known k and layout (ReferenceRows), sampled positions
+    (alg_temp) included: batches of mixed prompt lengths, several blocks, early stop on."""
+    for alg in ("entropy", "topk_margin"):
+        steps = host_reads_per_step(monkeypatch, dream, "none", alg=alg, alg_temp=0.5, temperature=0.5, **KW)
+        assert all(reads == ["tolist"] for reads in steps), steps
+
+
 def test_the_counter_sees_a_host_read(llada, monkeypatch):
     """The counter itself: a policy that reads the host in its step is caught."""
     policy = make_policy("dual")

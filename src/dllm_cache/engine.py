@@ -264,7 +264,9 @@ def generate(
         attn = torch.cat([attn, attn])
     layout = model.layout(attn)
     rows_total = attn.shape[0]
-    context = GenerationContext(llm, _as_list(prompts), config.chat, x, P)
+    context = GenerationContext(
+        llm, _as_list(prompts), config.chat, x, P, prompt_lengths=[len(p) for p in ids]
+    )
     if hasattr(inner, "begin_generation"):
         inner.begin_generation(context)
     try:
@@ -346,9 +348,11 @@ def _denoise(
     n = 0
     row_steps = torch.zeros(B, dtype=torch.long, device=device)  # steps each row still needed
     x_in = _model_input(x, attn, P, mask_id, use_cfg)
-    # What the host knows between steps, from one read per step: which blocks still hold masks
-    # (all of them at the start), and the row budget of a data-dependent policy.
-    blocks_open, row_budget = [True] * n_blocks, None
+    # What the host knows between steps, from one read per step: each row's masked count in each
+    # block (all masked at the start), so which blocks are still open, and the row budget of a
+    # data-dependent policy.
+    masked_counts, row_budget = [[block_len] * n_blocks for _ in range(B)], None
+    blocks_open = [True] * n_blocks
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         torch.cuda.synchronize(device)
@@ -358,6 +362,7 @@ def _denoise(
         if not blocks_open[blk]:
             continue  # every row finished early
         context.block_start = bs - P
+        context.block_masked = [row[blk] for row in masked_counts]
         decoder.start_block(x[:, bs:be] == mask_id, steps_per_block)
         # The decoder sees the block, or (guided decoding) everything from the block start on.
         span_end = L if getattr(decoder, "whole_answer", False) else be
@@ -403,18 +408,22 @@ def _denoise(
             state.just_committed = just_committed
             policy.end_step(state)
             x_in = _model_input(x, attn, P, mask_id, use_cfg)
-            # The step's one host read: open blocks, the decoder check and the next row budget.
-            facts = [(x[:, P:] == mask_id).view(B, n_blocks, block_len).any(2).any(0), misses[None]]
+            # The step's one host read: masked counts per row and block, the decoder check and the
+            # next row budget.
+            facts = [(x[:, P:] == mask_id).view(B, n_blocks, block_len).sum(2).flatten(), misses[None]]
             if row_bound is not None:
                 facts.append(row_bound(x_in == mask_id, just_committed).reshape(1))
             if on_step is not None:  # streaming: the answer canvas comes back with the same read
                 facts.append(x[:, P:].flatten())
             host = torch.cat([f.long() for f in facts]).tolist()
-            if host[n_blocks]:
+            n_counts = B * n_blocks
+            if host[n_counts]:
                 raise RuntimeError(f"cache policy {policy.name!r} skipped a row the decoder needs")
-            blocks_open = [bool(f) for f in host[:n_blocks]]
+            masked_counts = [host[b * n_blocks : (b + 1) * n_blocks] for b in range(B)]
+            blocks_open = [any(row[j] for row in masked_counts) for j in range(n_blocks)]
+            context.block_masked = [row[blk] for row in masked_counts]
             if row_bound is not None:
-                row_budget = host[n_blocks + 1]
+                row_budget = host[n_counts + 1]
             if records is not None:
                 records.append(_record(n, blk, committed, x, commit, bs))
             n += 1

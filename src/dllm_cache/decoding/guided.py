@@ -66,7 +66,8 @@ AGREEMENTS: dict[str, Agreement] = {
 
 @dataclass
 class GenerationContext:
-    """What the engine tells a decoder that needs more than one block's logits (guided decoding)."""
+    """What the engine tells a decoder beyond one block's logits: the prompts and live sequence (guided
+    decoding), and host facts the reference samplers rank with (ReferenceRows)."""
 
     llm: DLLM
     prompts: Sequence[str | Sequence[int]]
@@ -75,6 +76,10 @@ class GenerationContext:
     prompt_length: int  # P
     block_start: int = 0  # the current block's first answer offset (updated by the engine)
     extra: dict[str, Any] = field(default_factory=dict)
+    prompt_lengths: list[int] = field(default_factory=list)  # each prompt's own (unpadded) length
+    # Per row: masked positions in the current block, as of the engine's last host read (before
+    # every step: the counts the step starts from). Host numbers, so decoders need not read them.
+    block_masked: list[int] = field(default_factory=list)
 
 
 class VocabularyMap:
