@@ -24,12 +24,15 @@ POLICIES = {
     "dkv-greedy": (dict(variant="greedy", refresh_interval=5), "threshold"),
     "freecache": (dict(window=12), "reference"),
     "d2cache": (dict(current_k=4, rollout_p=0.5), "certainty"),
+    "elastic-cache": (dict(gamma=0.95, window=4), "threshold"),
+    "dual-surprise": (dict(surprise=0.6), "threshold"),
+    "dllm-cache-surprise": (dict(prompt_interval=5, surprise=0.6), "reference"),
 }
 
 
 def _policy(name: str):
     args, _ = POLICIES[name]
-    return make_policy(name.removesuffix("-greedy"), **args)
+    return make_policy(name.removesuffix("-greedy").removesuffix("-surprise"), **args)
 
 
 @pytest.mark.parametrize("fixture", ["llada", "dream"])

@@ -344,6 +344,7 @@ def _denoise(
     steps_per_block = steps // n_blocks
     observe_confidence = getattr(policy, "observe_confidence", None)
     row_bound = getattr(policy, "row_bound", None)
+    hidden_logits = getattr(policy, "hidden_logits", None)
     dynamic = getattr(decoder, "dynamic", False)
     n = 0
     row_steps = torch.zeros(B, dtype=torch.long, device=device)  # steps each row still needed
@@ -384,6 +385,9 @@ def _denoise(
             if use_cfg:
                 cond, uncond = logits[:B], logits[B:]
                 logits = uncond + (config.cfg_scale + 1) * (cond - uncond)
+            if hidden_logits is not None:  # masked rows the policy leaves out of its window
+                hidden = hidden_logits(logit_rows + shift)[: logits.shape[0]]
+                logits = logits.masked_fill(hidden[..., None], float("nan"))
             skipped = logits[..., 0].isnan()
             if observe_confidence is not None:
                 conf = logits.softmax(-1).amax(-1)
@@ -412,7 +416,8 @@ def _denoise(
             # next row budget.
             facts = [(x[:, P:] == mask_id).view(B, n_blocks, block_len).sum(2).flatten(), misses[None]]
             if row_bound is not None:
-                facts.append(row_bound(x_in == mask_id, just_committed).reshape(1))
+                bound = row_bound(x_in == mask_id, just_committed).reshape(-1)
+                facts.append(bound)
             if on_step is not None:  # streaming: the answer canvas comes back with the same read
                 facts.append(x[:, P:].flatten())
             host = torch.cat([f.long() for f in facts]).tolist()
@@ -422,8 +427,9 @@ def _denoise(
             masked_counts = [host[b * n_blocks : (b + 1) * n_blocks] for b in range(B)]
             blocks_open = [any(row[j] for row in masked_counts) for j in range(n_blocks)]
             context.block_masked = [row[blk] for row in masked_counts]
-            if row_bound is not None:
-                row_budget = host[n_counts + 1]
+            if row_bound is not None:  # one number, or a tuple when the policy gives several
+                extra = host[n_counts + 1 : n_counts + 1 + bound.shape[0]]
+                row_budget = extra[0] if len(extra) == 1 else tuple(extra)
             if records is not None:
                 records.append(_record(n, blk, committed, x, commit, bs))
             n += 1

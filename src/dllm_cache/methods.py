@@ -51,6 +51,17 @@ PRESETS: dict[str, Method] = {
     "freecache": Method("freecache", overrides={"block_length": 32}),  # as published (FlashDLM)
     # our earlier FreeCache: every row recomputed at each block's first step
     "freecache-block-refresh": Method("freecache", {"block_refresh": True}, overrides={"block_length": 32}),
+    # Elastic-Cache with the paper's defaults (gamma 0.9, window 16, threshold parallel decoding 0.9).
+    "elastic-cache": Method(
+        "elastic-cache", {"gamma": 0.9, "window": 16}, overrides={"decoder": "threshold", "threshold": 0.9}
+    ),
+    # Surprise refresh (cache/surprise.py): the fixed-schedule caches plus a refresh of their cached
+    # rows after a commit with confidence <= 0.5.
+    "dual-surprise": Method("dual", {"surprise": 0.5}, overrides={"block_length": 32}),
+    "dual-surprise-parallel": Method(
+        "dual", {"surprise": 0.5}, overrides={"block_length": 32, "decoder": "threshold", "threshold": 0.9}
+    ),
+    "dllm-cache-surprise": Method("dllm-cache", {"surprise": 0.5}),
     "guided": Method(overrides={"block_length": 32, "decoder": "guided", "guide_model": "tiny-ar"}),
     "freecache-guided": Method(
         "freecache", overrides={"block_length": 32, "decoder": "guided", "guide_model": "tiny-ar"}

@@ -9,6 +9,7 @@ from dllm_cache.cache.base import CachePolicy, FeatureCache, NoCache, StepState
 from dllm_cache.cache.d2cache import D2Cache
 from dllm_cache.cache.dkv import DKVCache
 from dllm_cache.cache.dllm_cache import DLLMCache
+from dllm_cache.cache.elastic import ElasticCache
 from dllm_cache.cache.fast_dllm import DualCache, FreeCache, PrefixCache
 from dllm_cache.errors import GenerationError
 
@@ -20,6 +21,7 @@ POLICIES: dict[str, type] = {
     "dkv": DKVCache,
     "d2cache": D2Cache,
     "freecache": FreeCache,
+    "elastic-cache": ElasticCache,
 }
 
 
@@ -43,6 +45,7 @@ __all__ = [
     "D2Cache",
     "DKVCache",
     "DLLMCache",
+    "ElasticCache",
     "DualCache",
     "FeatureCache",
     "FreeCache",

@@ -14,6 +14,9 @@ Per step n (counted from the start of the generation):
   rows are recomputed.
 Rows not recomputed add the layer's cached attention and FFN outputs to their current residual stream.
 
+`surprise=TAU` (cache/surprise.py) adds prompt refreshes between the scheduled ones: at the step after
+a row commits a token with confidence <= TAU, that row's prompt rows are recomputed at every layer.
+
 Row choice, where we differ from the published code on purpose: it takes `topk(smallest)` of the raw
 fp32 cosine similarities. We treat 1 - similarity below UNCHANGED_TOL (1e-5) as no change and break
 ties toward the leftmost row. Rounding noise in the similarity of unchanged rows depends on the
@@ -32,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dllm_cache.cache.base import StepState, column_range
+from dllm_cache.cache.surprise import SurpriseSignal, check_surprise
 from dllm_cache.errors import GenerationError
 from dllm_cache.models.active import LayerView, gather_rows
 
@@ -64,6 +68,7 @@ class DLLMCache:
         transfer_ratio: float | None = None,
         preset: str = "default",
         layer0_full: bool = True,
+        surprise: float | None = None,
     ) -> None:
         if preset not in PRESETS:
             raise GenerationError(f"unknown dllm-cache preset {preset!r} (choose {', '.join(PRESETS)})")
@@ -85,25 +90,38 @@ class DLLMCache:
         if not 0.0 <= self.transfer_ratio <= 1.0:
             raise GenerationError(f"dllm-cache: transfer_ratio must be in [0, 1], got {self.transfer_ratio}")
         self._state: StepState | None = None
+        self.surprise = check_surprise("dllm-cache", surprise)
+        self._signal: SurpriseSignal | None = None
+        if self.surprise is not None:  # the engine feeds these only to a policy that has them
+            self._signal = SurpriseSignal(self.surprise)
+            self.observe_confidence = self._signal.observe_confidence
+            self.row_bound = self._signal.bound
 
     def describe(self) -> dict:
-        return {
+        out = {
             "name": self.name,
             "prompt_interval": self.prompt_interval,
             "response_interval": self.response_interval,
             "transfer_ratio": self.transfer_ratio,
             "layer0_full": self.layer0_full,
         }
+        return out if self.surprise is None else {**out, "surprise": self.surprise}
 
     def begin_step(self, state: StepState) -> Tensor | None:
         self._state = state
+        if self._signal is not None:
+            self._signal.begin_step(state)
         return None  # per-layer selection
 
-    def graph_key(self) -> tuple[bool, bool]:
+    def _surprise_due(self) -> bool:
+        assert self._state is not None
+        return self._signal is not None and self._signal.due(self._state)
+
+    def graph_key(self) -> tuple[bool, bool, bool]:
         """Besides shapes, what changes the coming forward's work: which refreshes are due."""
         assert self._state is not None, "begin_step must be called first"
         n = self._state.step
-        return n % self.prompt_interval == 0, n % self.response_interval == 0
+        return n % self.prompt_interval == 0, n % self.response_interval == 0, self._surprise_due()
 
     def select(self, layer: int, view: LayerView) -> Tensor | None:
         state = self._state
@@ -117,14 +135,22 @@ class DLLMCache:
             return None
         B, device = view.h.shape[0], view.h.device
         start = state.prompt_end - 1 if state.shift else state.prompt_end  # first answer-side row
-        parts = []
-        if refresh_prompt:
-            parts.append(column_range(B, 0, start, device))
         if refresh_response:
-            parts.append(column_range(B, start, state.seq_len, device))
+            answer = column_range(B, start, state.seq_len, device)
         else:
-            parts.append(self._least_similar(layer, view, start))
-        return torch.cat(parts, dim=1)
+            answer = self._least_similar(layer, view, start)
+        if refresh_prompt:
+            return torch.cat([column_range(B, 0, start, device), answer], dim=1)
+        if self._surprise_due() and self._signal is not None:
+            # Surprised rows recompute their prompt rows; the others repeat one of their own active
+            # rows in those slots (the same values again), so their results do not depend on the batch.
+            # (With no answer row active, transfer_ratio 0, they repeat the first answer-side row.)
+            filler = answer[:, :1] if answer.shape[1] else column_range(B, start, start + 1, device)
+            prompt = torch.where(
+                self._signal.rows()[:, None], column_range(B, 0, start, device), filler.expand(B, start)
+            )
+            return torch.cat([prompt, answer], dim=1)
+        return answer
 
     def _least_similar(self, layer: int, view: LayerView, start: int) -> Tensor:
         """Answer rows whose fresh V is least similar to the cached V; stores the fresh V of all of them."""
@@ -147,7 +173,8 @@ class DLLMCache:
         return chosen
 
     def end_step(self, state: StepState) -> None:
-        pass
+        if self._signal is not None:
+            self._signal.end_step(state)
 
 
 def _flat_heads(v: Tensor) -> Tensor:

@@ -17,13 +17,19 @@ each finished block's K, V from its last step's forward (computed before that st
 masked rows beyond the window keep their K, V from the last forward that computed them.
 `block_refresh=True` is our earlier variant: every row recomputed at each block's first step (as
 `prefix` does), which costs one full forward per block and keeps the cached K, V fresher.
+
+`surprise=TAU` (all three; cache/surprise.py) adds refreshes between the scheduled ones: at the step
+after a row commits a token with confidence <= TAU, that row recomputes every row (its cached rows
+outside the window included). TAU = 1 refreshes after every commit: exact.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
-from dllm_cache.cache.base import StepState, column_range
+from dllm_cache.cache.base import StepState, column_range, rows_from_mask
+from dllm_cache.cache.surprise import SurpriseSignal, check_surprise
 from dllm_cache.errors import GenerationError
 from dllm_cache.models.active import LayerView
 
@@ -34,7 +40,7 @@ class FastDLLMCache:
     per_layer = False
     uses_cache = True
 
-    def __init__(self, mode: str = "dual", refresh_interval: int = 0) -> None:
+    def __init__(self, mode: str = "dual", refresh_interval: int = 0, surprise: float | None = None) -> None:
         if mode not in MODES:
             raise GenerationError(f"fast-dllm: unknown mode {mode!r} (choose {', '.join(MODES)})")
         try:
@@ -47,16 +53,32 @@ class FastDLLMCache:
             raise GenerationError(f"{mode}: refresh_interval must be >= 0 (0 = only at block starts)")
         self.mode = mode
         self.name = mode
+        self.surprise = check_surprise(mode, surprise)
+        self._signal: SurpriseSignal | None = None
+        if self.surprise is not None:  # the engine feeds these only to a policy that has them
+            self._signal = SurpriseSignal(self.surprise)
+            self.observe_confidence = self._signal.observe_confidence
+            self.row_bound = self._signal.bound
 
     def describe(self) -> dict:
-        return {"name": self.name, "refresh_interval": self.refresh_interval}
+        out = {"name": self.name, "refresh_interval": self.refresh_interval}
+        return out if self.surprise is None else {**out, "surprise": self.surprise}
 
     def begin_step(self, state: StepState) -> Tensor | None:
+        if self._signal is not None:
+            self._signal.begin_step(state)
         if self.full_refresh(state):
             return None
         B, device = state.masked.shape[0], state.masked.device
         start = state.block_start - (1 if state.shift else 0)
-        return column_range(B, start, self.window_end(state), device)
+        window = column_range(B, start, self.window_end(state), device)
+        if self._signal is None or not self._signal.due(state):
+            return window
+        # Surprised rows recompute every row; the others their window (padded with their own rows).
+        active = torch.zeros_like(state.masked)
+        active[:, start : self.window_end(state)] = True
+        active |= self._signal.rows()[:, None]
+        return rows_from_mask(active, state.seq_len)
 
     def full_refresh(self, state: StepState) -> bool:
         """Every row at each block's first step and every `refresh_interval` steps of a block."""
@@ -71,17 +93,18 @@ class FastDLLMCache:
         return None
 
     def end_step(self, state: StepState) -> None:
-        pass
+        if self._signal is not None:
+            self._signal.end_step(state)
 
 
 class PrefixCache(FastDLLMCache):
-    def __init__(self, refresh_interval: int = 0) -> None:
-        super().__init__("prefix", refresh_interval)
+    def __init__(self, refresh_interval: int = 0, surprise: float | None = None) -> None:
+        super().__init__("prefix", refresh_interval, surprise)
 
 
 class DualCache(FastDLLMCache):
-    def __init__(self, refresh_interval: int = 0) -> None:
-        super().__init__("dual", refresh_interval)
+    def __init__(self, refresh_interval: int = 0, surprise: float | None = None) -> None:
+        super().__init__("dual", refresh_interval, surprise)
 
 
 class FreeCache(FastDLLMCache):
@@ -93,8 +116,9 @@ class FreeCache(FastDLLMCache):
         block_boundary: bool = False,
         refresh_interval: int = 0,
         block_refresh: bool = False,
+        surprise: float | None = None,
     ) -> None:
-        super().__init__("prefix", refresh_interval)
+        super().__init__("prefix", refresh_interval, surprise)
         self.name = "freecache"
         try:
             self.window = int(window)

@@ -98,7 +98,8 @@ class StepState:
     # Host-known upper bound on the rows a data-dependent policy (dkv, d2cache) may choose this step,
     # from the engine's one host read of the previous step (see `CachePolicy.row_bound`); None: the
     # policy counts for itself (a host read of its own).
-    row_budget: int | None = None
+    # (A policy whose `row_bound` returns several numbers gets them back as a tuple.)
+    row_budget: int | tuple[int, ...] | None = None
 
 
 class CachePolicy(Protocol):
@@ -111,8 +112,13 @@ class CachePolicy(Protocol):
     Optional: `row_bound(masked, just_committed) -> Tensor` (a device scalar, called after `end_step`
     with the next step's masks): an upper bound on the rows the next `begin_step` will choose. The
     engine reads it with the step's other host facts and hands it back as `StepState.row_budget`, so
-    the selection itself needs no host read. `graph_key() -> tuple` (per-layer policies): what, besides
-    shapes, changes the work of the coming forward (e.g. which refreshes are due).
+    the selection itself needs no host read (a 1-D tensor of several such facts comes back as a tuple).
+    `graph_key() -> tuple` (per-layer policies): what, besides shapes, changes the work of the coming
+    forward (e.g. which refreshes are due). `observe_attention(layer, rows, probs)`: the head-averaged
+    attention probabilities of each layer's active queries. `observe_confidence(positions,
+    confidence)`: the top probability at each predicted position, after the forward.
+    `hidden_logits(positions) -> Tensor` ([B, r] bool): predicted positions the decoder may not commit
+    this step (outside a policy's prediction window; a dynamic decoder is then required).
     """
 
     name: str

@@ -242,8 +242,9 @@ class Transformer(nn.Module):
         src = None if rows is None else source_rows(rows, L)
         h = self.embed(gather_rows(input_ids, src))
         n_rows = L if rows is None else rows.shape[1]
-        # d2cache's attention rollout: probabilities of the active queries, layer by layer.
-        observe = getattr(policy, "observe_attention", None) if not per_layer else None
+        # Probabilities of the active queries, layer by layer, for the policies that look at them
+        # (d2cache's attention rollout, Elastic-Cache's most-attended rows).
+        observe = getattr(policy, "observe_attention", None)
         cos, sin = gather_rows(layout.cos, src), gather_rows(layout.sin, src)
         stats.forwards += 1
         for i, block in enumerate(self.blocks):
@@ -280,9 +281,10 @@ class Transformer(nn.Module):
             q, k, v = block.qkv(hA, gather_rows(cos, active_src), gather_rows(sin, active_src))
             cache.write("k", i, active, k)
             cache.write("v", i, active, v)
-            cache.write(
-                "attn", i, active, block.attend(q, cache.k[i], cache.v[i], layout.attn_mask(active_src))
-            )
+            mask = layout.attn_mask(active_src)
+            if observe is not None:
+                observe(i, active, block.attention_probs(q, cache.k[i], mask))
+            cache.write("attn", i, active, block.attend(q, cache.k[i], cache.v[i], mask))
             h = h + cache.attn[i]
             cache.write("ffn", i, active, block.ffn(gather_rows(h, active_src)))
             h = h + cache.ffn[i]
