@@ -55,9 +55,12 @@ class SurpriseSignal:
 
     def begin_step(self, state: StepState) -> None:
         if state.step == 0:
-            self.surprised = None
-        # NaN: not predicted this step (never counts as a surprise)
-        self.confidence = torch.full(state.masked.shape, float("nan"), device=state.masked.device)
+            # Updated in place from now on: a captured CUDA graph of a per-layer forward (dllm-cache)
+            # reads `surprised` at the address it had at capture.
+            self.surprised = torch.zeros(state.masked.shape[0], dtype=torch.bool, device=state.masked.device)
+            self.confidence = torch.empty(state.masked.shape, device=state.masked.device)
+        assert self.confidence is not None
+        self.confidence.fill_(float("nan"))  # NaN: not predicted this step (never a surprise)
 
     def observe_confidence(self, positions: Tensor, confidence: Tensor) -> None:
         """positions [B, r] (sequence columns predicted this step), confidence [B, r]."""
@@ -70,7 +73,8 @@ class SurpriseSignal:
         # is not a surprise.
         open_rows = (state.masked & ~state.just_committed).any(1)
         low = state.just_committed & (self.confidence <= self.threshold)
-        self.surprised = low.any(1) & open_rows
+        assert self.surprised is not None
+        self.surprised.copy_(low.any(1) & open_rows)
 
     def due(self, state: StepState) -> bool:
         """Host-known (the step's one read, via `bound`): is any row of the batch surprised?"""
