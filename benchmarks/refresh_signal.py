@@ -107,7 +107,7 @@ def main() -> None:
             f"| {task} | {problem.id} | {text.strip()[:30]!r} | {len(lowest)} | {len(marked)} | "
             f"{m_mark:.2e} | {m_other:.2e} |"
         )
-    fig.colorbar(im, ax=axes[0, :], label="prompt V drift\n1 - cos(V_n, V_n-1)\n(mean over prompt rows)")
+    fig.colorbar(im, ax=axes.ravel().tolist(), label="prompt V drift\n1 - cos(V_n, V_n-1)\n(mean over prompt rows)")
     fig.suptitle(
         f"{args.model}: prompt feature drift per layer and step; dashed: steps after a commit with "
         f"confidence <= {args.surprise} (surprise refresh)",

@@ -132,6 +132,20 @@ def test_surprise_one_reproduces_the_uncached_tokens(fixture, decoder, name, req
     assert not torch.equal(base.sequences, plain.sequences)  # without it, the cache is approximate
 
 
+@pytest.mark.parametrize("fixture", ["llada", "dream"])
+@pytest.mark.parametrize("decoder", ["reference", "threshold"])
+def test_elastic_with_surprise_one_and_no_drift_test_is_exact(fixture, decoder, request):
+    """gamma = 0 (the drift test never fires) + surprise = 1 (every commit refreshes every layer at
+    the next step): the surprise refresh alone keeps Elastic-Cache exact."""
+    llm = request.getfixturevalue(fixture)
+    kw = dict(KW, decoder=decoder, threshold=0.3)
+    base = generate(llm, PROMPTS, **kw)
+    cached = generate(llm, PROMPTS, cache=ElasticCache(gamma=0.0, window=8, surprise=1.0), **kw)
+    assert torch.equal(base.sequences, cached.sequences)
+    plain = generate(llm, PROMPTS, cache=ElasticCache(gamma=0.0, window=8), **kw)
+    assert not torch.equal(base.sequences, plain.sequences)
+
+
 @pytest.mark.parametrize("name", ["dual", "dllm-cache"])
 def test_surprise_zero_is_the_plain_policy(llada, name):
     base = generate(llada, PROMPTS, cache=make_policy(name), **KW)
@@ -190,7 +204,7 @@ def test_dual_surprise_refreshes_exactly_after_low_confidence_commits(llada, tau
 
 
 def test_surprise_arguments_are_checked():
-    for name in ("dual", "prefix", "freecache", "dllm-cache"):
+    for name in ("dual", "prefix", "freecache", "dllm-cache", "elastic-cache"):
         with pytest.raises(GenerationError, match="surprise must be in \\[0, 1\\]"):
             make_policy(name, surprise=1.5)
         with pytest.raises(GenerationError, match="surprise must be a number"):

@@ -112,7 +112,7 @@ def test_a_step_reads_the_host_once(fixture, cache, decoder, monkeypatch, reques
         "dllm-cache": lambda: make_policy("dllm-cache", prompt_interval=3, response_interval=2),
         "dkv": lambda: make_policy("dkv", refresh_interval=3),
         "d2cache": lambda: make_policy("d2cache", current_k=4),
-        "elastic-cache": lambda: make_policy("elastic-cache", gamma=0.95, window=4),
+        "elastic-cache": lambda: make_policy("elastic-cache", gamma=0.95, window=4, surprise=0.6),
         "dual-surprise": lambda: make_policy("dual", surprise=0.6),
         "dllm-cache-surprise": lambda: make_policy("dllm-cache", prompt_interval=5, surprise=0.6),
     }

@@ -62,6 +62,11 @@ PRESETS: dict[str, Method] = {
         "dual", {"surprise": 0.5}, overrides={"block_length": 32, "decoder": "threshold", "threshold": 0.9}
     ),
     "dllm-cache-surprise": Method("dllm-cache", {"surprise": 0.5}),
+    "elastic-cache-surprise": Method(
+        "elastic-cache",
+        {"gamma": 0.9, "window": 16, "surprise": 0.5},
+        overrides={"decoder": "threshold", "threshold": 0.9},
+    ),
     "guided": Method(overrides={"block_length": 32, "decoder": "guided", "guide_model": "tiny-ar"}),
     "freecache-guided": Method(
         "freecache", overrides={"block_length": 32, "decoder": "guided", "guide_model": "tiny-ar"}

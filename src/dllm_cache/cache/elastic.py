@@ -24,6 +24,9 @@ ours compares the tracked row's cached and fresh V (the feature the cache holds)
 specifies. Per batch row: each row has its own tracked rows and refresh depth; rows that refresh
 less repeat their own active rows in the shared shape, so a row's result does not depend on its batch.
 
+`surprise=TAU` adds our surprise refresh (cache/surprise.py): a row that commits a token with
+confidence <= TAU recomputes every layer at the next step, which the one-step-late drift test cannot.
+
 `gamma >= 1` refreshes every layer at every step (with window >= the block length: the uncached
 output exactly). The paper's defaults: gamma 0.9, window 16, threshold parallel decoding at 0.9
 (preset `elastic-cache`).
@@ -36,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dllm_cache.cache.base import StepState, rows_from_mask, shifted_left
+from dllm_cache.cache.surprise import SurpriseSignal, check_surprise
 from dllm_cache.errors import GenerationError
 from dllm_cache.models.active import LayerView, bucket, gather_rows
 
@@ -45,7 +49,7 @@ class ElasticCache:
     per_layer = True
     uses_cache = True
 
-    def __init__(self, gamma: float = 0.9, window: int = 16) -> None:
+    def __init__(self, gamma: float = 0.9, window: int = 16, surprise: float | None = None) -> None:
         try:
             self.gamma, self.window = float(gamma), int(window)
         except (TypeError, ValueError):
@@ -55,9 +59,17 @@ class ElasticCache:
         if self.window < 1:
             raise GenerationError(f"elastic-cache: window must be >= 1, got {self.window}")
         self._state: StepState | None = None
+        # Our surprise refresh (cache/surprise.py) on top: a row that just committed a token with
+        # confidence <= surprise recomputes every layer at the next step, before any drift shows.
+        self.surprise = check_surprise("elastic-cache", surprise)
+        self._signal: SurpriseSignal | None = None
+        if self.surprise is not None:
+            self._signal = SurpriseSignal(self.surprise)
+            self.observe_confidence = self._signal.observe_confidence
 
     def describe(self) -> dict:
-        return {"name": self.name, "gamma": self.gamma, "window": self.window}
+        out = {"name": self.name, "gamma": self.gamma, "window": self.window}
+        return out if self.surprise is None else {**out, "surprise": self.surprise}
 
     def check_decoder(self, decoder: object, block_length: int) -> None:
         """Called before generation: masked rows outside the window get no logits."""
@@ -100,6 +112,8 @@ class ElasticCache:
     def begin_step(self, state: StepState) -> Tensor | None:
         self._state = state
         self._rows = None
+        if self._signal is not None:
+            self._signal.begin_step(state)
         if state.step == 0:
             self._started = False
         window = self._window(state.masked, state.prompt_end)
@@ -177,6 +191,9 @@ class ElasticCache:
         first = torch.where(drift.any(1), drift.long().argmax(1), self.n_layers)
         if self.gamma >= 1.0:
             first = torch.zeros_like(first)
+        if self._signal is not None:
+            self._signal.end_step(state)
+            first = first.masked_fill(self._signal.rows(), 0)
         self.first_refresh.copy_(first)
         self.tracked.copy_(self.next_tracked)
 
