@@ -81,7 +81,9 @@ def main() -> None:
 
     fig, axes = plt.subplots(2, 2, figsize=(12, 6), sharex="col", gridspec_kw={"height_ratios": [3, 1]})
     vmax = max(max(max(row) for row in c[2]) for c in cases)
-    print("| task | problem | answer | steps | steps marked | mean drift, marked steps | mean drift, other steps |")
+    print(
+        "| task | problem | answer | steps | steps marked | mean drift, marked steps | mean drift, other steps |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for col, (task, problem, drift, lowest, text) in enumerate(cases):
         d = torch.tensor(drift).T  # [layers, steps]; column j = step j + 1
@@ -107,7 +109,9 @@ def main() -> None:
             f"| {task} | {problem.id} | {text.strip()[:30]!r} | {len(lowest)} | {len(marked)} | "
             f"{m_mark:.2e} | {m_other:.2e} |"
         )
-    fig.colorbar(im, ax=axes.ravel().tolist(), label="prompt V drift\n1 - cos(V_n, V_n-1)\n(mean over prompt rows)")
+    fig.colorbar(
+        im, ax=axes.ravel().tolist(), label="prompt V drift\n1 - cos(V_n, V_n-1)\n(mean over prompt rows)"
+    )
     fig.suptitle(
         f"{args.model}: prompt feature drift per layer and step; dashed: steps after a commit with "
         f"confidence <= {args.surprise} (surprise refresh)",
