@@ -12,7 +12,7 @@ BLOCK=fast-dllm-dual,fast-dllm-prefix,dkv-decode,fast-dllm-parallel,fast-dllm-du
 # dLLM-Cache that never refreshes (one full pass per block, then cached features only): too stale.
 STALE=dllm-cache:prompt_interval=1000:response_interval=1000:transfer_ratio=0
 # Issue 19: Elastic-Cache (paper defaults) and the surprise refresh on dual and dLLM-Cache.
-ADAPTIVE=elastic-cache,dual-surprise,dual-surprise-parallel,dllm-cache-surprise
+ADAPTIVE=elastic-cache,elastic-cache-surprise,dual-surprise,dual-surprise-parallel,dllm-cache-surprise
 COMMON=(--task tiny-gsm --limit "$N" --gen-length 128 --block-length 32 --batch-size 64)
 for grid in $GRIDS; do
   case $grid in
