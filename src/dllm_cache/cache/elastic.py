@@ -22,7 +22,7 @@ during step n picks the first refreshed layer of step n + 1, read with the step'
 (`row_bound`). The paper's test compares attention weights toward the tracked tokens across steps;
 ours compares the tracked row's cached and fresh V (the feature the cache holds), as the issue
 specifies. Per batch row: each row has its own tracked rows and refresh depth; rows that refresh
-less repeat their own active rows in the shared shape, so a row's result does not depend on its batch.
+less pad the shared shape with the scratch slot, so a row's result does not depend on its batch.
 
 `surprise=TAU` adds our surprise refresh (cache/surprise.py): a row that commits a token with
 confidence <= TAU recomputes every layer at the next step, which the one-step-late drift test cannot.
@@ -174,11 +174,9 @@ class ElasticCache:
             weight, outside = real.float(), real
         else:
             assert rows is not None
-            # a row listed twice (padding) counts once; only the queries' attention counts
-            repeats = torch.zeros(self.query.shape, device=probs.device).scatter_add(
-                1, rows, torch.ones(rows.shape, device=probs.device)
-            )
-            weight = (self.query.float() / repeats.clamp(min=1)).gather(1, rows)
+            # only the queries' attention counts; padding slots (index L, the scratch slot) do not
+            L = self.query.shape[1]
+            weight = self.query.float().gather(1, rows.clamp(max=L - 1)) * (rows < L)
             outside = ~self.query
         column = torch.einsum("bk,bkl->bl", weight, probs.float())
         column = column.masked_fill(~outside, -1.0)
