@@ -165,6 +165,21 @@ def launches_in_one_step(
     return sum(1 for e in events if e.name.startswith("aten::") and not e.cpu_children)
 
 
+def stats_columns(s: dict[str, Any]) -> dict[str, Any]:
+    """The columns every row reports, from a generation's stats (GenerationStats.to_dict(), or
+    the server's copy of it)."""
+    return {
+        "tokens_per_s": s["tokens_per_s"],
+        "wall_time_s": s["wall_time_s"],
+        "generated_tokens": s["generated_tokens"],
+        "nfe": s["nfe"],
+        "recompute_fraction": s["recompute_fraction"],
+        "tflops": s["flops"] / 1e12,
+        "peak_memory_gib": s["peak_memory_bytes"] / 2**30,
+        "cache_gib": s["cache_bytes"] / 2**30,
+    }
+
+
 def run_one(
     llm: DLLM,
     method: str,
@@ -182,16 +197,8 @@ def run_one(
     )
     config = dataclasses.replace(config, **m.overrides)
     out = generate(llm, prompts, config, cache=m.policy(), progress=progress)
-    s = out.stats
     return {
-        "tokens_per_s": s.tokens_per_s,
-        "wall_time_s": s.wall_time_s,
-        "generated_tokens": s.generated_tokens,
-        "nfe": s.nfe,
-        "recompute_fraction": s.recompute_fraction,
-        "tflops": s.flops / 1e12,
-        "peak_memory_gib": s.peak_memory_bytes / 2**30,
-        "cache_gib": s.cache_bytes / 2**30,
+        **stats_columns(out.stats.to_dict()),
         "block_length": config.block_length,
         "decoder": config.decoder,
     }
@@ -306,14 +313,7 @@ def run_guided(
     )
     s = out.stats
     row = {
-        "tokens_per_s": s.tokens_per_s,
-        "wall_time_s": s.wall_time_s,
-        "generated_tokens": s.generated_tokens,
-        "nfe": s.nfe,
-        "recompute_fraction": s.recompute_fraction,
-        "tflops": s.flops / 1e12,
-        "peak_memory_gib": s.peak_memory_bytes / 2**30,
-        "cache_gib": s.cache_bytes / 2**30,
+        **stats_columns(s.to_dict()),
         "guide_nfe": s.guide_nfe,
         "decoder": "guided",
     }
@@ -365,16 +365,10 @@ def run_server(
     results, wall, batches = asyncio.run(serve())
     s = results[0].stats  # the batch's generation (every request of it reports the same)
     return {
+        **stats_columns(s),  # wall_time_s: the generation's (ms/NFE); end to end: server_wall_s
         "tokens_per_s": s["generated_tokens"] / wall,
-        "wall_time_s": s["wall_time_s"],  # the generation's (ms/NFE); end to end: server_wall_s
         "server_wall_s": wall,
         "server_batches": batches,
-        "generated_tokens": s["generated_tokens"],
-        "nfe": s["nfe"],
-        "recompute_fraction": s["recompute_fraction"],
-        "tflops": s["flops"] / 1e12,
-        "peak_memory_gib": s["peak_memory_bytes"] / 2**30,
-        "cache_gib": s["cache_bytes"] / 2**30,
         "block_length": config.block_length,
         "decoder": config.decoder,
     }

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dllm_cache.cache.base import StepState, column_range
-from dllm_cache.cache.surprise import SurpriseSignal, check_surprise
+from dllm_cache.cache.surprise import SurpriseSignal, attach_surprise
 from dllm_cache.errors import GenerationError
 from dllm_cache.models.active import LayerView, gather_rows
 
@@ -90,12 +90,7 @@ class DLLMCache:
         if not 0.0 <= self.transfer_ratio <= 1.0:
             raise GenerationError(f"dllm-cache: transfer_ratio must be in [0, 1], got {self.transfer_ratio}")
         self._state: StepState | None = None
-        self.surprise = check_surprise("dllm-cache", surprise)
-        self._signal: SurpriseSignal | None = None
-        if self.surprise is not None:  # the engine feeds these only to a policy that has them
-            self._signal = SurpriseSignal(self.surprise)
-            self.observe_confidence = self._signal.observe_confidence
-            self.row_bound = self._signal.bound
+        self._signal: SurpriseSignal | None = attach_surprise(self, "dllm-cache", surprise)
 
     def describe(self) -> dict:
         out = {

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dllm_cache.cache.base import StepState, rows_from_mask, shifted_left
-from dllm_cache.cache.surprise import SurpriseSignal, check_surprise
+from dllm_cache.cache.surprise import SurpriseSignal, attach_surprise
 from dllm_cache.errors import GenerationError
 from dllm_cache.models.active import LayerView, bucket, gather_rows
 
@@ -61,11 +61,10 @@ class ElasticCache:
         self._state: StepState | None = None
         # Our surprise refresh (cache/surprise.py) on top: a row that just committed a token with
         # confidence <= surprise recomputes every layer at the next step, before any drift shows.
-        self.surprise = check_surprise("elastic-cache", surprise)
-        self._signal: SurpriseSignal | None = None
-        if self.surprise is not None:
-            self._signal = SurpriseSignal(self.surprise)
-            self.observe_confidence = self._signal.observe_confidence
+        # (row_bound stays ours: the step's one read also carries the window's rows and refresh depth)
+        self._signal: SurpriseSignal | None = attach_surprise(
+            self, "elastic-cache", surprise, row_bound=False
+        )
 
     def describe(self) -> dict:
         out = {"name": self.name, "gamma": self.gamma, "window": self.window}

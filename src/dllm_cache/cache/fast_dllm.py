@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from dllm_cache.cache.base import StepState, column_range, rows_from_mask
-from dllm_cache.cache.surprise import SurpriseSignal, check_surprise
+from dllm_cache.cache.surprise import SurpriseSignal, attach_surprise
 from dllm_cache.errors import GenerationError
 from dllm_cache.models.active import LayerView
 
@@ -53,12 +53,7 @@ class FastDLLMCache:
             raise GenerationError(f"{mode}: refresh_interval must be >= 0 (0 = only at block starts)")
         self.mode = mode
         self.name = mode
-        self.surprise = check_surprise(mode, surprise)
-        self._signal: SurpriseSignal | None = None
-        if self.surprise is not None:  # the engine feeds these only to a policy that has them
-            self._signal = SurpriseSignal(self.surprise)
-            self.observe_confidence = self._signal.observe_confidence
-            self.row_bound = self._signal.bound
+        self._signal: SurpriseSignal | None = attach_surprise(self, mode, surprise)
 
     def describe(self) -> dict:
         out = {"name": self.name, "refresh_interval": self.refresh_interval}

@@ -15,7 +15,7 @@ prompt rows; prefix / dual / freecache: every row outside the recomputed window)
 known at the end of the step that commits, before the forward that first sees the new token, so the
 refresh comes exactly when the cached features go stale, with no extra forward and no lag.
 
-Per batch row: a row that is not surprised repeats one of its own active rows in the refresh slots
+Per batch row: a row that is not surprised pads the refresh slots with the scratch slot
 (`rows_from_mask`), so its result never depends on its batch; the batch pays for a refresh when any
 of its rows is surprised (the host learns that with the step's one read, `row_bound`).
 `surprise=1` refreshes after every commit: the features of every row are then those of the current
@@ -24,6 +24,8 @@ so its cached features are still exact). `surprise=0` never refreshes (the plain
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -43,6 +45,21 @@ def check_surprise(policy: str, surprise: float | None) -> float | None:
     if not 0.0 <= value <= 1.0:
         raise GenerationError(f"{policy}: surprise must be in [0, 1], got {value}")
     return value
+
+
+def attach_surprise(
+    policy: Any, name: str, surprise: float | None, row_bound: bool = True
+) -> SurpriseSignal | None:
+    """Check `surprise` (None = off) and, when on, give `policy` the hooks the engine feeds only to
+    a policy that has them: `observe_confidence` and (unless the policy has its own) `row_bound`."""
+    policy.surprise = check_surprise(name, surprise)
+    if policy.surprise is None:
+        return None
+    signal = SurpriseSignal(policy.surprise)
+    policy.observe_confidence = signal.observe_confidence
+    if row_bound:
+        policy.row_bound = signal.bound
+    return signal
 
 
 class SurpriseSignal:
