@@ -127,19 +127,42 @@ def weight_bytes_per_forward(model: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters() if tied or p is not embed)
 
 
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """What one row of the table generates: the prompts and the generation settings every method
+    of the row shares."""
+
+    prompts: list[list[int]]
+    gen: int
+    steps: int | None
+    block: int
+    seed: int
+    graphs: bool
+
+    def config(self, method: str) -> tuple[Any, GenerationConfig]:
+        """The parsed method and the generation config it runs with (its decoder overrides applied)."""
+        m = parse_method(method)
+        config = GenerationConfig(
+            gen_length=self.gen,
+            steps=self.steps,
+            block_length=self.block,
+            chat=False,
+            seed=self.seed,
+            graphs=self.graphs,
+        )
+        return m, dataclasses.replace(config, **m.overrides)
+
+    def two_blocks(self) -> Workload:
+        """The same settings over two blocks (the same tokens per step): for profiling one step."""
+        gen = 2 * self.block
+        steps = gen * self.steps // self.gen if self.steps else None
+        return dataclasses.replace(self, gen=gen, steps=steps)
+
+
 LAUNCH_EVENTS = ("LaunchKernel", "GraphLaunch", "cuLaunch")
 
 
-def launches_in_one_step(
-    llm: DLLM,
-    method: str,
-    prompts: list[list[int]],
-    gen: int,
-    steps: int | None,
-    block: int,
-    seed: int,
-    graphs: bool,
-) -> int:
+def launches_in_one_step(llm: DLLM, method: str, work: Workload) -> int:
     """Kernel launches of one denoising step, profiled in the middle of a generation (after every
     graph of the generation's first block is captured). CUDA: runtime launch calls (a graph replay
     is one); CPU: leaf aten operator calls."""
@@ -148,8 +171,8 @@ def launches_in_one_step(
     device = llm.model.device
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     prof = profile(activities=activities)
-    total = steps or gen
-    mark = min(max(total // 2, block + 1), total - 1)  # a step of a later block
+    total = work.steps or work.gen
+    mark = min(max(total // 2, work.block + 1), total - 1)  # a step of a later block
 
     def progress(done: int, _total: int) -> None:
         if done == mark:
@@ -158,7 +181,7 @@ def launches_in_one_step(
             _sync(device)
             prof.stop()
 
-    run_one(llm, method, prompts, gen, steps, block, seed, graphs, progress=progress)
+    run_one(llm, method, work, progress=progress)
     events = prof.events()
     if device.type == "cuda":
         return sum(1 for e in events if any(k in e.name for k in LAUNCH_EVENTS))
@@ -180,23 +203,9 @@ def stats_columns(s: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def run_one(
-    llm: DLLM,
-    method: str,
-    prompts: list[list[int]],
-    gen: int,
-    steps: int | None,
-    block: int,
-    seed: int,
-    graphs: bool = True,
-    progress: Any = None,
-) -> dict[str, Any]:
-    m = parse_method(method)
-    config = GenerationConfig(
-        gen_length=gen, steps=steps, block_length=block, chat=False, seed=seed, graphs=graphs
-    )
-    config = dataclasses.replace(config, **m.overrides)
-    out = generate(llm, prompts, config, cache=m.policy(), progress=progress)
+def run_one(llm: DLLM, method: str, work: Workload, progress: Any = None) -> dict[str, Any]:
+    m, config = work.config(method)
+    out = generate(llm, work.prompts, config, cache=m.policy(), progress=progress)
     return {
         **stats_columns(out.stats.to_dict()),
         "block_length": config.block_length,
@@ -208,51 +217,28 @@ class _Warm(Exception):
     pass
 
 
-def warm_up(
-    llm: DLLM,
-    method: str,
-    prompts: list[list[int]],
-    gen: int,
-    steps: int | None,
-    block: int,
-    seed: int,
-    graphs: bool,
-) -> None:
+def warm_up(llm: DLLM, method: str, work: Workload) -> None:
     """The timed run's first block and one more step, untimed: kernels, allocator, and on CUDA the
     graphs of those step shapes (kept with the model for the timed run, which has the same key)."""
-    per_block = (steps or gen) // (gen // block)
+    per_block = (work.steps or work.gen) // (work.gen // work.block)
 
     def stop(done: int, _total: int) -> None:
         if done > per_block:
             raise _Warm
 
     try:
-        run_one(llm, method, prompts, gen, steps, block, seed, graphs, progress=stop)
+        run_one(llm, method, work, progress=stop)
     except _Warm:
         pass
 
 
-def run_profiled(
-    llm: DLLM,
-    method: str,
-    prompts: list[list[int]],
-    gen: int,
-    steps: int | None,
-    block: int,
-    seed: int,
-    graphs: bool,
-    profile: bool,
-    warm: bool = True,
-) -> dict[str, Any]:
+def run_profiled(llm: DLLM, method: str, work: Workload, profile: bool, warm: bool = True) -> dict[str, Any]:
     """`run_one` after its warm-up, plus the kernel launches of one step of a short two-block generation."""
     if warm:
-        warm_up(llm, method, prompts, gen, steps, block, seed, graphs)
-    out = run_one(llm, method, prompts, gen, steps, block, seed, graphs)
+        warm_up(llm, method, work)
+    out = run_one(llm, method, work)
     if profile:
-        g2 = 2 * block
-        out["launches_per_nfe"] = launches_in_one_step(
-            llm, method, prompts, g2, g2 * (steps or gen) // gen, block, seed, graphs
-        )
+        out["launches_per_nfe"] = launches_in_one_step(llm, method, work.two_blocks())
     return out
 
 
@@ -287,20 +273,16 @@ class TimedGuidedDecoder(GuidedDecoder):
 
 
 def run_guided(
-    llm: DLLM,
-    guide: DLLM,
-    policy: str,
-    prompts: list[list[int]],
-    gen: int,
-    block: int,
-    seed: int,
-    graphs: bool,
-    rates: dict[str, float],
+    llm: DLLM, guide: DLLM, policy: str, work: Workload, rates: dict[str, float]
 ) -> dict[str, Any]:
     """One guided generation with each AR forward timed (its median, the prompt's first forward left
     out, against the guide's floor), then one timed whole (tokens/s, ms per dLLM NFE)."""
     vocab = VocabularyMap(llm, guide, shared_ids=True)
-    config = GenerationConfig(gen_length=gen, block_length=block, chat=False, seed=seed, graphs=graphs)
+    prompts, graphs = work.prompts, work.graphs
+    # guided decoding sets its own steps (as many as it takes)
+    config = GenerationConfig(
+        gen_length=work.gen, block_length=work.block, chat=False, seed=work.seed, graphs=graphs
+    )
     # the forward-timed run first: it also warms up (and on CUDA captures) what the timed run replays
     timed = TimedGuidedDecoder(guide, graphs=graphs, vocab=vocab)
     generate(llm, prompts, config, cache=make_policy(policy), decoder=timed)
@@ -320,7 +302,7 @@ def run_guided(
     steady = sorted(timed.ar_seconds[1:] or timed.ar_seconds)
     ms = 1e3 * steady[len(steady) // 2]
     gcfg = guide.model.config
-    L = max(len(p) for p in prompts) + gen
+    L = max(len(p) for p in prompts) + work.gen
     read_ms = 1e3 * weight_bytes_per_forward(guide.model) / rates["bytes_per_s"]
     compute_ms = 1e3 * forward_flops(gcfg, len(prompts), timed.chunk, L) / rates["matmul_flops_per_s"]
     row["guide_ms_per_forward"] = ms
@@ -329,25 +311,13 @@ def run_guided(
     return row
 
 
-def run_server(
-    llm: DLLM,
-    method: str,
-    prompts: list[list[int]],
-    gen: int,
-    steps: int | None,
-    block: int,
-    seed: int,
-    graphs: bool,
-) -> dict[str, Any]:
+def run_server(llm: DLLM, method: str, work: Workload) -> dict[str, Any]:
     """`len(prompts)` requests submitted at once to the server's scheduler (one batch), timed from
     submit to the last answer; the engine's own timing of the batch gives ms per NFE."""
     from dllm_cache.serve.scheduler import Job, Scheduler
 
-    m = parse_method(method)
-    config = GenerationConfig(
-        gen_length=gen, steps=steps, block_length=block, chat=False, seed=seed, graphs=graphs
-    )
-    config = dataclasses.replace(config, **m.overrides)
+    m, config = work.config(method)
+    prompts = work.prompts
 
     async def serve() -> tuple[list[Any], float, int]:
         loop = asyncio.get_running_loop()
@@ -550,65 +520,30 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             for gen in args.gen:
                 steps = gen // args.tokens_per_step if args.tokens_per_step else args.steps
                 for batch in args.batch:
-                    prompts = random_prompts(cfg, batch, prompt_len, args.seed)
+                    work = Workload(
+                        random_prompts(cfg, batch, prompt_len, args.seed),
+                        gen,
+                        steps,
+                        args.block_length,
+                        args.seed,
+                        graphs,
+                    )
                     group: list[dict[str, Any]] = []
                     # (label, how to run it): the engine per method, then the server's batched path,
                     # then guided decoding
                     runs: list[tuple[str, Any]] = []
-                    for method in args.methods:
-                        runs.append(
-                            (
-                                method,
-                                functools.partial(
-                                    run_profiled,
-                                    llm,
-                                    method,
-                                    prompts,
-                                    gen,
-                                    steps,
-                                    args.block_length,
-                                    args.seed,
-                                    graphs,
-                                    not args.no_profile,
-                                    not args.no_warmup,
-                                ),
-                            )
-                        )
-                    for method in args.server:
-                        runs.append(
-                            (
-                                f"{method} (server)",
-                                functools.partial(
-                                    run_server,
-                                    llm,
-                                    method,
-                                    prompts,
-                                    gen,
-                                    steps,
-                                    args.block_length,
-                                    args.seed,
-                                    graphs,
-                                ),
-                            )
-                        )
-                    for policy in args.guided if guide is not None else []:
-                        runs.append(
-                            (
-                                f"guided+{policy}",
-                                functools.partial(
-                                    run_guided,
-                                    llm,
-                                    guide,
-                                    policy,
-                                    prompts,
-                                    gen,
-                                    args.block_length,
-                                    args.seed,
-                                    graphs,
-                                    rates,
-                                ),
-                            )
-                        )
+                    profile, warm = not args.no_profile, not args.no_warmup
+                    runs += [
+                        (m, functools.partial(run_profiled, llm, m, work, profile, warm))
+                        for m in args.methods
+                    ]
+                    runs += [
+                        (f"{m} (server)", functools.partial(run_server, llm, m, work)) for m in args.server
+                    ]
+                    runs += [
+                        (f"guided+{p}", functools.partial(run_guided, llm, guide, p, work, rates))
+                        for p in (args.guided if guide is not None else [])
+                    ]
                     for label, fn in runs:
                         row: dict[str, Any] = {
                             "shape": shape,

@@ -171,6 +171,7 @@ def test_cli_bench(tmp_path):
 def _gpu_module():
     spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "benchmarks" / "gpu.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # registered, as an import would (dataclasses look it up)
     spec.loader.exec_module(module)
     return module
 
