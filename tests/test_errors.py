@@ -131,6 +131,8 @@ runner = CliRunner()
         (["generate", "hi", "--model", "/no/such/dir"], "model directory not found: /no/such/dir"),
         (["info", "--model", "/no/such/dir"], "model directory not found"),
         (["generate", "hi", "--cache", "magic"], "unknown cache policy 'magic'"),
+        # a misspelt preset names both lists, so the user sees the preset they meant
+        (["generate", "hi", "--preset", "dual-surprize"], "no preset of that name (presets: baseline,"),
         (["generate", "hi", "--cache-arg", "novalue"], "--cache-arg expects key=value"),
     ],
 )

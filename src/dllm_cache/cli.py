@@ -100,7 +100,9 @@ def generate(
     cfg_scale: Annotated[float, typer.Option(help="classifier-free guidance scale (LLaDA)")] = 0.0,
     cache: Annotated[
         str | None,
-        typer.Option(help="cache policy: none, dllm-cache, prefix, dual, dkv, d2cache, freecache"),
+        typer.Option(
+            help="cache policy: none, dllm-cache, prefix, dual, dkv, d2cache, freecache, elastic-cache"
+        ),
     ] = None,
     cache_arg: Annotated[
         list[str] | None, typer.Option(help="policy hyperparameter key=value (repeatable)")
@@ -125,7 +127,9 @@ def generate(
     agreement_ratio: Annotated[
         float | None, typer.Option(help="topk_relative: ... with probability >= ratio x the AR top-1 (0.95)")
     ] = None,
-    preset: Annotated[str | None, typer.Option(help="a named method, e.g. fast-dllm-dual-parallel")] = None,
+    preset: Annotated[
+        str | None, typer.Option(help="a named method, e.g. fast-dllm-dual-parallel or dual-surprise")
+    ] = None,
     seed: int = 0,
     no_chat: Annotated[
         bool, typer.Option("--no-chat", help="send the prompt raw, without chat template")

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from dllm_cache.cache import make_policy
+from dllm_cache.cache import POLICIES, make_policy
 from dllm_cache.cache.base import CachePolicy
 from dllm_cache.errors import DllmCacheError
 
@@ -108,5 +108,10 @@ def parse_method(spec: str) -> Method:
         for k in method.overrides:
             if k not in fields:
                 raise DllmCacheError(f"method {spec!r}: unknown decoder argument {k!r}")
-    method.policy()  # validates the cache name and its arguments now, before any work
+    if name.replace("_", "-") not in POLICIES:  # neither a preset nor a policy: list both
+        raise DllmCacheError(
+            f"unknown cache policy {name!r} (choose {', '.join(POLICIES)}) "
+            f"and no preset of that name (presets: {', '.join(PRESETS)})"
+        )
+    method.policy()  # validates the cache arguments now, before any work
     return method
