@@ -137,14 +137,13 @@ class DLLMCache:
         if refresh_prompt:
             return torch.cat([column_range(B, 0, start, device), answer], dim=1)
         if self._surprise_due() and self._signal is not None:
-            # Surprised rows recompute their prompt rows; the others repeat one of their own active
-            # rows in those slots (the same values again), so their results do not depend on the batch.
-            # (With no answer row active, transfer_ratio 0, they repeat the first answer-side row.)
-            filler = answer[:, :1] if answer.shape[1] else column_range(B, start, start + 1, device)
+            # Surprised rows recompute their prompt rows; the others fill those slots with the scratch
+            # slot (index L, never read), so their results do not depend on the batch. Sorted, as
+            # rows_from_mask gives them: real rows first, padding last.
             prompt = torch.where(
-                self._signal.rows()[:, None], column_range(B, 0, start, device), filler.expand(B, start)
+                self._signal.rows()[:, None], column_range(B, 0, start, device), state.seq_len
             )
-            return torch.cat([prompt, answer], dim=1)
+            return torch.cat([prompt, answer], dim=1).sort(dim=1).values
         return answer
 
     def _least_similar(self, layer: int, view: LayerView, start: int) -> Tensor:

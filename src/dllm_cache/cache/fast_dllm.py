@@ -65,13 +65,12 @@ class FastDLLMCache:
         if self.full_refresh(state):
             return None
         B, device = state.masked.shape[0], state.masked.device
-        start = state.block_start - (1 if state.shift else 0)
-        window = column_range(B, start, self.window_end(state), device)
+        start, end = state.block_start - (1 if state.shift else 0), self.window_end(state)
         if self._signal is None or not self._signal.due(state):
-            return window
-        # Surprised rows recompute every row; the others their window (padded with their own rows).
+            return column_range(B, start, end, device)
+        # Surprised rows recompute every row; the others their window (padded with the scratch slot).
         active = torch.zeros_like(state.masked)
-        active[:, start : self.window_end(state)] = True
+        active[:, start:end] = True
         active |= self._signal.rows()[:, None]
         return rows_from_mask(active, state.seq_len)
 
